@@ -1,0 +1,18 @@
+"""optax_soaa: curvature-aware, trust-region optimizers for optax.
+
+Each optimizer is an :class:`optax.GradientTransformationExtraArgs` with a
+NamedTuple state. The core imports no Flax; Flax helpers live in
+:mod:`optax_soaa.flax`.
+"""
+
+from optax_soaa._src.soaa import scale_by_soaa
+from optax_soaa._src.soaa import soaa
+from optax_soaa._src.soaa import SOAAState
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "scale_by_soaa",
+    "soaa",
+    "SOAAState",
+)

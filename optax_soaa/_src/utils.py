@@ -1,0 +1,136 @@
+"""Helpers shared by the optimizers: hyperparameter checks and global sums."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def _concrete_float(value: Any) -> Optional[float]:
+  """Returns `value` as a Python float when it is concrete, else None.
+
+  `optax.inject_hyperparams` calls the optimizer factory again with arrays that
+  may be tracers; those cannot (and need not) be validated again.
+  """
+  if isinstance(value, bool):
+    return float(value)
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0:
+    return float(value)
+  if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+    if value.ndim == 0:
+      return float(value)
+  return None
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    lower: Optional[float] = None,
+    upper: Optional[float] = None,
+    lower_inclusive: bool = True,
+    upper_inclusive: bool = True,
+) -> None:
+  """Raises `ValueError` naming `name` if a concrete `value` is out of range."""
+  x = _concrete_float(value)
+  if x is None:
+    if callable(value) or isinstance(value, (str, bytes)):
+      raise ValueError(f"`{name}` must be a number, got {value!r}.")
+    return
+  ok = not np.isnan(x)
+  if lower is not None:
+    ok = ok and (x >= lower if lower_inclusive else x > lower)
+  if upper is not None:
+    ok = ok and (x <= upper if upper_inclusive else x < upper)
+  if not ok:
+    lo = "(-inf" if lower is None else ("[" if lower_inclusive else "(") + f"{lower:g}"
+    hi = "inf)" if upper is None else f"{upper:g}" + ("]" if upper_inclusive else ")")
+    raise ValueError(f"`{name}` must be in {lo}, {hi}; got {value!r}.")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+  """Raises `ValueError` unless `value` is a Python/NumPy integer > 0."""
+  if isinstance(value, bool) or not isinstance(value, (numbers.Integral,)):
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  if value <= 0:
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+  if value not in choices:
+    raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+def check_schedule_or_nonneg(
+    name: str, value: optax.ScalarOrSchedule, *, positive: bool = False
+) -> None:
+  """Validates a constant step size; a schedule (callable) is accepted as is."""
+  if callable(value):
+    return
+  check_range(name, value, lower=0.0, lower_inclusive=not positive)
+
+
+def as_schedule(value: optax.ScalarOrSchedule) -> Callable[[jax.Array], Any]:
+  """Turns a constant or a schedule into a function of the step count."""
+  if callable(value):
+    return value
+  return lambda count: value
+
+
+def scalar_dtype(tree: Any) -> jnp.dtype:
+  """float32, or the widest floating dtype among the leaves where wider.
+
+  The optimizers' global statistics (dt, eta, sums) use this dtype so that a
+  bfloat16 model still accumulates its trust region in float32, and an x64
+  run stays exact against a float64 reference.
+  """
+  dtype = jnp.dtype(jnp.float32)
+  for leaf in jax.tree.leaves(tree):
+    leaf_dtype = jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
+    if jnp.issubdtype(leaf_dtype, jnp.floating) and (
+        jnp.finfo(leaf_dtype).bits > jnp.finfo(dtype).bits
+    ):
+      dtype = jnp.dtype(leaf_dtype)
+  return dtype
+
+
+def tree_sum(
+    fn: Callable[..., jax.Array],
+    *trees: Any,
+    dtype: jnp.dtype,
+    axis_name: Optional[str] = None,
+) -> jax.Array:
+  """Global sum over every element of every leaf of `fn(*leaves)`.
+
+  Each leaf is summed in `dtype`; with `axis_name` the total is also summed
+  over that mapped axis (for parameters split across devices under `pmap` or
+  `shard_map`). Under sharded `jit` no `axis_name` is needed: `jnp.sum` of a
+  sharded array is already global.
+  """
+  parts = jax.tree.leaves(
+      jax.tree.map(lambda *xs: jnp.sum(fn(*xs), dtype=dtype), *trees)
+  )
+  total = sum(parts, jnp.zeros([], dtype))
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  return total
+
+
+def check_tree_structures_match(
+    name_a: str, tree_a: Any, name_b: str, tree_b: Any
+) -> None:
+  """Raises `ValueError` (at trace time) when two pytrees differ in structure."""
+  struct_a = jax.tree.structure(tree_a)
+  struct_b = jax.tree.structure(tree_b)
+  if struct_a != struct_b:
+    raise ValueError(
+        f"`{name_a}` and `{name_b}` must have the same pytree structure; got\n"
+        f"  {name_a}: {struct_a}\n  {name_b}: {struct_b}"
+    )
