@@ -33,6 +33,10 @@ class ArturoState(NamedTuple):
   kl: jax.Array  # shape=(), S: ½ Σ λ (μ_new - θ)² of the last step.
 
 
+# See `levels_per_pass` in `arturo`'s docstring.
+_DEFAULT_LEVELS_PER_PASS = 1
+
+
 def _check_nonneg(name: str, value: Any) -> None:
   utils.check_range(name, value, lower=0.0)
 
@@ -79,7 +83,7 @@ def arturo(
     max_eta: float = 1e4,
     *,
     clip_curvature: bool = False,
-    levels_per_pass: int = 1,
+    levels_per_pass: Optional[int] = None,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""arTuRO: a Kalman-filtered diagonal quadratic model in a KL trust region.
@@ -167,7 +171,9 @@ def arturo(
     weight_decay: decoupled decay >= 0, scaled by ε.
     max_eta: upper end of the η bracket, > 0 (1e4 in the reference).
     clip_curvature: opt-in guard, see above.
-    levels_per_pass: bisection levels decided per pass over memory (>= 1):
+    levels_per_pass: bisection levels decided per pass over memory (a
+      positive int; ``None`` picks the default, and under
+      ``optax.inject_hyperparams`` an int here must be a static arg):
       each pass evaluates the KL at the 2^L - 1 midpoints the next L
       bisection steps can visit, in one fused reduction, then replays the
       bisection's decisions on those values. Same η; fewer passes, more
@@ -189,6 +195,8 @@ def arturo(
   _check_nonneg("nu", nu)
   _check_nonneg("weight_decay", weight_decay)
   _check_positive("max_eta", max_eta)
+  if levels_per_pass is None:
+    levels_per_pass = _DEFAULT_LEVELS_PER_PASS
   utils.check_positive_int("levels_per_pass", levels_per_pass)
   rho = utils._concrete_float(reg_weight)  # pylint: disable=protected-access
   nu_ = utils._concrete_float(nu)  # pylint: disable=protected-access
