@@ -185,6 +185,11 @@ def markdown_report(payload: Dict[str, Any], heading_level: int = 2) -> str:
       f"- wall time of the whole run: {payload.get('wall_s', 0):.0f} s",
   ]
   lines += [f"- {n}" for n in task.get("notes", [])]
+  if not payload.get("complete", True):
+    done = list(payload["optimizers"])
+    missing = [o for o in payload.get("planned_optimizers", []) if o not in done]
+    lines.append(f"- **partial run** (interrupted): finished {', '.join(done)};"
+                 f" not run: {', '.join(missing)}")
   lines += ["", results_table(payload)]
   return "\n".join(lines)
 
@@ -357,11 +362,17 @@ results files; no number in this file is typed by hand. Regenerate with
   process, median of the pairs' ratios; the optimizer state's bytes relative
   to Adam's. Seconds on the plots' time axis are steps × that measured step
   time, because the vmapped sweep shares its wall time among the values.
+  Adam's own ratio compares two separately compiled copies of the same step:
+  its distance from 1.00 is the timing noise of that run (large on a shared,
+  loaded machine).
 """
 
 
-def benchmarks_md(payloads: Sequence[Dict[str, Any]]) -> str:
+def benchmarks_md(payloads: Sequence[Dict[str, Any]],
+                  notes: Sequence[str] = ()) -> str:
   parts = [PROTOCOL, "## Results\n"]
+  if notes:
+    parts.append("\n".join(f"- Note: {n}" for n in notes) + "\n")
   for p in payloads:
     parts.append(markdown_report(p, heading_level=3))
   return "\n".join(parts).rstrip() + "\n"
