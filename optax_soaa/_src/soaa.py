@@ -142,9 +142,10 @@ def scale_by_soaa(
     fisher_ratio = sum_m2 / sum_v
     # The ratio must be known before any update is formed: materialise the
     # moments here so that pass 2 reads them instead of recomputing pass 1.
-    mu, nu, curv, fisher_ratio = jax.lax.optimization_barrier(
-        (mu, nu, curv, fisher_ratio)
-    )
+    # The ratio stays out of the barrier: under shard_map the barrier gives
+    # every operand the union of their varying axes, and a ratio psum-ed over
+    # `axis_name` must stay invariant (out_specs P() under check_vma=True).
+    mu, nu, curv = jax.lax.optimization_barrier((mu, nu, curv))
     v_state = curv if use_variance else nu
 
     # Pass 2: the trust-region direction (dt of step t-1).
