@@ -8,6 +8,8 @@ NamedTuple state. The core imports no Flax; Flax helpers live in
 from optax_soaa._src.soaa import scale_by_soaa
 from optax_soaa._src.soaa import soaa
 from optax_soaa._src.soaa import SOAAState
+from optax_soaa._src.sharding import state_partition_specs
+from optax_soaa._src.sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,6 @@ __all__ = (
     "scale_by_soaa",
     "soaa",
     "SOAAState",
+    "state_partition_specs",
+    "state_shardings",
 )
