@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 import optax_soaa
+import optax_soaa.flax
 
 P = jax.sharding.PartitionSpec
 
@@ -75,12 +76,15 @@ class Case:
   """An optimizer under test.
 
   make(axis_name) builds it; `stats` says whether it takes AdaFisher's
-  layer statistics (then the step uses the Flax helper).
+  layer statistics (then the step uses the Flax helper); shard_map_layout is
+  "fsdp" (params split, for optimizers with global sums over params) or "dp"
+  (params replicated, for AdaFisher, whose axis_name averages statistics).
   """
 
   name: str
   make: Callable[[Optional[str]], optax.GradientTransformationExtraArgs]
   stats: bool = False
+  shard_map_layout: str = "fsdp"
 
 
 def _value_grad(case: Case, loss_fn, stats_axis=None):
@@ -192,38 +196,56 @@ def run_sharded_jit(case: Case):
                state_shardings=state_sh, mesh=mesh))
 
 
-def run_shard_map(case: Case, axis_name: Optional[str] = "fsdp", check_vma: bool = False):
-  """FSDP by hand: each device holds 1/FSDP of every param and its state.
+def run_shard_map(case: Case, axis_name: Optional[str] = "default",
+                  check_vma: bool = True):
+  """Manual partitioning with shard_map, layout `case.shard_map_layout`.
+
+  "fsdp": each device holds 1/FSDP of every param and of its state; the body
+  gathers the params over 'fsdp' for the forward pass, and the optimizer,
+  built with ``axis_name='fsdp'`` (the split axis), psums its global sums.
+  "dp": params and state replicated on a ('batch',) mesh of all devices; the
+  optimizer, built with ``axis_name='batch'``, averages what it averages
+  (AdaFisher: the layer statistics).
 
   The loss is written as a global mean (local sum / global batch size), so
-  that the gradient of a local shard is the psum of the local contributions:
-  over 'fsdp' it comes from transposing the all_gather (a psum_scatter), over
-  'data' from an explicit psum.
+  the gradient of a param is the psum of the local contributions: over
+  'fsdp' it comes from transposing the all_gather (a psum_scatter); over the
+  axes the param is replicated on, autodiff adds the psum itself when
+  check_vma=True (the transpose of the implicit pvary), and the user must
+  when check_vma=False.
   """
   params, xs, ys = problem()
-  mesh = jax.make_mesh((DATA, FSDP), ("data", "fsdp"), axis_types=AUTO)
+  if case.shard_map_layout == "fsdp":
+    mesh = jax.make_mesh((DATA, FSDP), ("data", "fsdp"), axis_types=AUTO)
+    specs = fsdp_specs(params)
+    split_axis, replica_axes = "fsdp", ("data",)
+  else:
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=AUTO[:1])
+    specs = jax.tree.map(lambda _: P(), params)
+    split_axis, replica_axes = None, ("batch",)
+  all_axes = mesh.axis_names
+  if axis_name == "default":
+    axis_name = split_axis if case.shard_map_layout == "fsdp" else "batch"
   opt = case.make(axis_name)
-  specs = fsdp_specs(params)
   state_specs = optax_soaa.state_partition_specs(opt, params, specs)
-  batch_spec = P(("data", "fsdp"))
+  batch_spec = P(all_axes)
 
   def global_mean_loss(local_params, x, y):
-    full = jax.tree.map(
-        lambda p: jax.lax.all_gather(p, "fsdp", axis=0, tiled=True),
-        local_params,
-    )
+    full = local_params
+    if split_axis is not None:
+      full = jax.tree.map(
+          lambda p: jax.lax.all_gather(p, split_axis, axis=0, tiled=True),
+          local_params,
+      )
     return jnp.sum(per_example_loss(full, x, y)) / BATCH
 
-  value_grad = _value_grad(case, global_mean_loss, stats_axis=("data", "fsdp"))
+  value_grad = _value_grad(case, global_mean_loss)
 
   def body(params, state, x, y):
     value, grads, extra = value_grad(params, x, y)
     if not check_vma:
-      # With check_vma=True, autodiff already psums over 'data' the gradient
-      # of params that are invariant over it (the transpose of their implicit
-      # pvary); without it, the sum is the user's job.
-      grads = jax.lax.psum(grads, "data")
-    value = jax.lax.psum(value, ("data", "fsdp"))
+      grads = jax.lax.psum(grads, replica_axes)
+    value = jax.lax.psum(value, all_axes)
     updates, state = opt.update(grads, state, params, value=value, **extra)
     return optax.apply_updates(params, updates), state, value
 
