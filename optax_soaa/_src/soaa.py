@@ -87,17 +87,18 @@ def scale_by_soaa(
 
   def init_fn(params):
     sdtype = utils.scalar_dtype(params)
-    zero = jnp.zeros([], sdtype)
+    # A fresh array per field: shared buffers cannot be donated.
+    zero = lambda: jnp.zeros([], sdtype)
     return SOAAState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
         nu=optax.tree.zeros_like(params),
         curvature=optax.tree.zeros_like(params) if use_variance else None,
         dt=jnp.ones([], sdtype),
-        loss_avg=zero,
-        predicted_reduction=zero,
-        trust_ratio=zero,
-        fisher_ratio=zero,
+        loss_avg=zero(),
+        predicted_reduction=zero(),
+        trust_ratio=zero(),
+        fisher_ratio=zero(),
         skipped_values=jnp.zeros([], jnp.int32),
     )
 
