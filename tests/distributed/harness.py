@@ -146,8 +146,12 @@ def run_pmap(case: Case):
     updates, state = opt.update(grads, state, params, value=value, **extra)
     return optax.apply_updates(params, updates), state, value
 
-  params = jax.tree.map(lambda a: np.broadcast_to(a, (n,) + a.shape), params)
-  state = jax.pmap(opt.init)(params)
+  # Replicated: one copy per device along a new leading axis.
+  replicate = lambda tree: jax.tree.map(
+      lambda a: np.broadcast_to(a, (n,) + np.shape(a)), tree
+  )
+  state = replicate(to_host(opt.init(params)))
+  params = replicate(params)
   losses = []
   split = lambda a: a.reshape((n, a.shape[0] // n) + a.shape[1:])
   for t in range(STEPS):
