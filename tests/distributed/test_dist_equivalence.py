@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import pytest
 
-import harness
+import dist_harness as harness
 import optax_soaa
 
 P = jax.sharding.PartitionSpec
