@@ -30,7 +30,13 @@ class ArturoState(NamedTuple):
   eta: jax.Array  # shape=(), S: dual variable η of the last step.
   bisection_steps: jax.Array  # shape=(), int32: bisection iterations of
   # the last step (KL evaluations, whatever the passes over memory).
-  kl: jax.Array  # shape=(), S: ½ Σ λ (μ_new - θ)² of the last step.
+  kl: jax.Array  # shape=(), S: ½ Σ λ (μ_new(mid) - θ)² at the last midpoint
+  # the bisection evaluated (kept from the step before when it evaluated
+  # none); computing it at the final η would cost one more pass.
+
+
+# See `levels_per_pass` in `arturo`'s docstring.
+_DEFAULT_LEVELS_PER_PASS = 1
 
 
 def _check_nonneg(name: str, value: Any) -> None:
@@ -79,7 +85,7 @@ def arturo(
     max_eta: float = 1e4,
     *,
     clip_curvature: bool = False,
-    levels_per_pass: int = 1,
+    levels_per_pass: Optional[int] = None,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""arTuRO: a Kalman-filtered diagonal quadratic model in a KL trust region.
@@ -167,7 +173,9 @@ def arturo(
     weight_decay: decoupled decay >= 0, scaled by ε.
     max_eta: upper end of the η bracket, > 0 (1e4 in the reference).
     clip_curvature: opt-in guard, see above.
-    levels_per_pass: bisection levels decided per pass over memory (>= 1):
+    levels_per_pass: bisection levels decided per pass over memory (a
+      positive int; ``None`` picks the default, and under
+      ``optax.inject_hyperparams`` an int here must be a static arg):
       each pass evaluates the KL at the 2^L - 1 midpoints the next L
       bisection steps can visit, in one fused reduction, then replays the
       bisection's decisions on those values. Same η; fewer passes, more
@@ -189,6 +197,8 @@ def arturo(
   _check_nonneg("nu", nu)
   _check_nonneg("weight_decay", weight_decay)
   _check_positive("max_eta", max_eta)
+  if levels_per_pass is None:
+    levels_per_pass = _DEFAULT_LEVELS_PER_PASS
   utils.check_positive_int("levels_per_pass", levels_per_pass)
   rho = utils._concrete_float(reg_weight)  # pylint: disable=protected-access
   nu_ = utils._concrete_float(nu)  # pylint: disable=protected-access
@@ -297,6 +307,10 @@ def arturo(
 
     def kl_at(etas):
       """½ Σ λ (μ_new(η_k) - θ)² for each η_k in `etas`, shape (K,)."""
+      # Tie the arrays to the loop-carried etas: otherwise XLA hoists the
+      # loop-invariant parts (h + ρ p0, ...) out of the loop into extra
+      # full-size temporaries.
+      arrays, etas = jax.lax.optimization_barrier(((params, b, h, lam), etas))
 
       def leaf(p, b, h, lam):
         shape = (etas.shape[0],) + (1,) * jnp.ndim(b)
@@ -304,7 +318,7 @@ def arturo(
         axes = tuple(range(1, jnp.ndim(b) + 1))
         return jnp.sum(jnp.square(theta - mu) * lam, axis=axes, dtype=sdtype)
 
-      parts = jax.tree.leaves(jax.tree.map(leaf, params, b, h, lam))
+      parts = jax.tree.leaves(jax.tree.map(leaf, *arrays))
       total = sum(parts, jnp.zeros(etas.shape, sdtype))
       if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
@@ -316,49 +330,46 @@ def arturo(
     hi = jnp.where(first, top, jnp.minimum(3 * state.eta, top))
 
     def running(carry):
-      lo, hi, _, done = carry
+      lo, hi, _, done, _ = carry
       return jnp.logical_and(hi - lo > tol, jnp.logical_not(done))
 
     def one_pass(carry):
-      lo, hi, steps, done = carry
-      d_values = kl_at(_tree_of_midpoints(lo, hi, levels_per_pass)) - eps
+      lo, hi, steps, done, kl = carry
+      kls = kl_at(_tree_of_midpoints(lo, hi, levels_per_pass))
       node = jnp.zeros([], jnp.int32)
       for _ in range(levels_per_pass):
-        active = running((lo, hi, steps, done))
+        active = running((lo, hi, steps, done, kl))
         mid = (lo + hi) / 2
-        d = d_values[node]
+        d = kls[node] - eps
         above = d > 0
         lo = jnp.where(active & above, mid, lo)
         hi = jnp.where(active & ~above, mid, hi)
         done = done | (active & (jnp.abs(d) < early_stop))
+        kl = jnp.where(active, kls[node], kl)
         steps = steps + active.astype(jnp.int32)
         node = 2 * node + 1 + above.astype(jnp.int32)
-      return lo, hi, steps, done
+      return lo, hi, steps, done, kl
 
-    lo, hi, steps, _ = jax.lax.while_loop(
+    lo, hi, steps, _, kl = jax.lax.while_loop(
         running, one_pass,
-        (lo, hi, jnp.zeros([], jnp.int32), jnp.zeros([], jnp.bool_)),
+        (lo, hi, jnp.zeros([], jnp.int32), jnp.zeros([], jnp.bool_),
+         state.kl),
     )
     eta = (lo + hi) / 2
 
-    # Final pass: the step, the new precision and the step's KL.
+    # Final pass: the step and the new precision.
     def final_leaf(g, p, b, h, lam):
-      theta, mu = new_mean(eta.astype(b.dtype), p, b, h, lam)
+      _, mu = new_mean(eta.astype(b.dtype), p, b, h, lam)
       temp2 = curvature(h) + cast(reg_prior, b)
       new_lam = (temp2 + lam * cast(nu, lam)) / (
           cast(reg_weight, lam) + cast(nu, lam)
       )
-      step = (mu - p.astype(b.dtype)).astype(g.dtype)
-      kl = jnp.sum(jnp.square(theta - mu) * lam, dtype=sdtype)
-      return step, new_lam, kl
+      return (mu - p.astype(b.dtype)).astype(g.dtype), new_lam
 
     finals = jax.tree.map(final_leaf, grads, params, b, h, lam)
-    new_updates, new_lam, kls = jax.tree.transpose(
-        treedef, jax.tree.structure((0,) * 3), finals
+    new_updates, new_lam = jax.tree.transpose(
+        treedef, jax.tree.structure((0,) * 2), finals
     )
-    kl = sum(jax.tree.leaves(kls), jnp.zeros([], sdtype))
-    if axis_name is not None:
-      kl = jax.lax.psum(kl, axis_name)
 
     new_state = ArturoState(
         count=numerics.safe_int32_increment(state.count),
@@ -370,7 +381,7 @@ def arturo(
         precision=new_lam,
         eta=eta,
         bisection_steps=steps,
-        kl=0.5 * kl,
+        kl=kl,
     )
     return new_updates, new_state
 
