@@ -15,6 +15,7 @@ bench_results/<task>) and prints the table. See BENCHMARKS.md for the protocol.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-progress", action="store_true",
                  help="no tqdm progress bars")
   p.add_argument("--from-results", nargs="+", default=None, metavar="JSON",
-                 help="train nothing; report from these results.json files")
+                 help="train nothing; re-render the tables and plots of these"
+                      " results.json files (and BENCHMARKS.md if asked)")
   p.add_argument("--write-benchmarks-md", nargs="?", const="BENCHMARKS.md",
                  default=None, metavar="PATH",
                  help="(re)write BENCHMARKS.md from this invocation's results")
@@ -118,9 +120,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   payloads = []
   if args.from_results:
-    payloads = [report.load_json(p) for p in args.from_results]
-    for p in payloads:
-      print(report.markdown_report(p))
+    for path in args.from_results:
+      payload = report.load_json(path)
+      out = pathlib.Path(path).parent
+      table = report.markdown_report(payload)
+      if os.access(out, os.W_OK):  # re-render the table and plots beside it
+        (out / report.TABLE_FILE).write_text(table)
+        report.write_plots(payload, out)
+      print(table)
+      payloads.append(payload)
   else:
     args.tasks_list = _split_list(args.tasks)
     for t in args.tasks_list:

@@ -38,7 +38,13 @@ def _git_commit() -> Optional[str]:
     root = pathlib.Path(__file__).resolve().parents[2]
     out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short",
                           "HEAD"], capture_output=True, text=True, timeout=5)
-    return out.stdout.strip() or None
+    commit = out.stdout.strip()
+    if not commit:
+      return None
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain",
+         "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+    return commit + ("+modified" if dirty.stdout.strip() else "")
   except (OSError, subprocess.SubprocessError):
     return None
 
@@ -214,6 +220,11 @@ def write_plots(payload: Dict[str, Any], out_dir: os.PathLike) -> List[str]:
   target = payload.get("target_test_loss")
   written = []
 
+  # Several methods nearly coincide (SOAA's two modes, Adam and AdamW):
+  # vary the dash pattern so none hides another completely.
+  styles = {n: dict(color=f"C{i % 10}", ls=("-", "--", ":", "-.")[i % 4])
+            for i, n in enumerate(ok)}
+
   fig, axes = plt.subplots(2, 2, figsize=(12, 9))
   for col, (key, label) in enumerate((("train_loss", "train"),
                                       ("test_loss", "test"))):
@@ -222,7 +233,7 @@ def write_plots(payload: Dict[str, Any], out_dir: os.PathLike) -> List[str]:
       for name, r in ok.items():
         steps = np.asarray(r["curves"][0]["step"], np.float64)
         x = steps if xaxis == "steps" else steps * r["step_time_s"]
-        ax.plot(x, _best_curves(r, key),
+        ax.plot(x, _best_curves(r, key), **styles[name],
                 label=f"{name} ({'kl' if r['swept'] == 'kl_bound' else 'lr'}"
                      f"={r['best_value']:.3g})")
       if key == "test_loss" and target is not None:
@@ -250,7 +261,7 @@ def write_plots(payload: Dict[str, Any], out_dir: os.PathLike) -> List[str]:
         continue
       steps, vals = _diag_curve(r)
       if np.isfinite(vals).any():
-        ax.plot(steps, vals, label=f"{name} (best value)")
+        ax.plot(steps, vals, **styles[name], label=f"{name} (best value)")
         drawn = True
     if drawn:
       ax.legend(fontsize=8)
@@ -274,7 +285,7 @@ def write_plots(payload: Dict[str, Any], out_dir: os.PathLike) -> List[str]:
     key = "test_accuracy" if select.endswith("accuracy") else "test_loss"
     vals = np.asarray([np.nan if v is None else v
                        for v in r["final_per_value"][key]], np.float64)
-    ax.plot(r["factors"], vals, marker="o", label=name)
+    ax.plot(r["factors"], vals, marker="o", **styles[name], label=name)
   ax.set_xscale("log")
   if not select.endswith("accuracy"):
     ax.set_yscale("log")
@@ -319,6 +330,12 @@ results files; no number in this file is typed by hand. Regenerate with
   `optax.contrib.sophia` (Hutchinson Hessian estimate; the train step passes
   `obj_fn`, the batch loss as a function of the params). An optimizer whose
   API is missing from the installed package is listed as unavailable.
+  Fixed settings: library defaults except where a task names tuned values
+  (`fmnist-cnn`: the arTuRO authors' tuned Adam, AdamW, SGD-momentum and
+  arTuRO configurations); SOAA gets `total_steps` = the run's steps;
+  AdaFisher(W) refreshes its statistics every step (`stats_every=1`: the
+  train step computes them every step anyway), AdaFisherW uses AdamW's weight
+  decay; SGD's weight decay is coupled (L2), as in PyTorch.
 - **Sweep.** Each optimizer gets the same factors (≥ 4, log-spaced) times its
   centre value: Adam's learning rate for every Adam-scale method (SOAA,
   AdaFisher(W), Sophia, AdamW, Adam: literally the same values), SGD's own

@@ -97,11 +97,12 @@ class TaskRunner:
 
   def __init__(self, task: Task, seeds: Sequence[int] = (0,),
                timing_pairs: int = 15, timing_inner: int = 3,
-               progress: bool = True):
+               min_sample_s: float = 0.05, progress: bool = True):
     self.task = task
     self.seeds = tuple(seeds)
     self.timing_pairs = timing_pairs
     self.timing_inner = timing_inner
+    self.min_sample_s = min_sample_s
     self.progress = progress and tqdm is not None
     self.loss_scale = 1.0 / math.log(2.0) if task.kind == "lm" else 1.0
     self.data = task.device_data()
@@ -308,12 +309,17 @@ class TaskRunner:
       self._adam = self._prepared(adam_tx, make_grad_fn(adam_spec,
                                                         self.task.loss_fn))
     run_adam, run_opt = self._adam, self._prepared(tx, grad_fn)
+    # Each sample lasts >= min_sample_s, so tiny models are not timed at the
+    # resolution of the clock and the scheduler.
+    per_step = min(run_adam(1), run_opt(1))
+    inner = int(min(500, max(self.timing_inner,
+                             math.ceil(self.min_sample_s / max(per_step, 1e-7)))))
     ratios, t_adam, t_opt = [], [], []
     for i in range(self.timing_pairs):
       if i % 2 == 0:
-        a, b = run_adam(self.timing_inner), run_opt(self.timing_inner)
+        a, b = run_adam(inner), run_opt(inner)
       else:
-        b, a = run_opt(self.timing_inner), run_adam(self.timing_inner)
+        b, a = run_opt(inner), run_adam(inner)
       ratios.append(b / a)
       t_adam.append(a)
       t_opt.append(b)
@@ -321,7 +327,7 @@ class TaskRunner:
                 step_time_s=statistics.median(t_opt),
                 adam_step_time_s=statistics.median(t_adam),
                 timing_pairs=self.timing_pairs,
-                timing_inner_steps=self.timing_inner)
+                timing_inner_steps=inner)
 
 
 # -- summary across optimizers ----------------------------------------------
