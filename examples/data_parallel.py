@@ -15,6 +15,11 @@ reduction, arTuRO's KL) are sums of sharded arrays, which XLA makes global.
     python examples/data_parallel.py --optimizer soaa --steps 200
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         python examples/data_parallel.py --optimizer adafisher --fsdp 4
+
+    # Two processes on one machine (4 simulated CPU devices each):
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python \\
+        examples/data_parallel.py --multihost --coordinator localhost:12345 \\
+        --num-processes 2 --process-id 0 &   # and --process-id 1
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--multihost", action="store_true",
                       help="call jax.distributed.initialize() first")
+  parser.add_argument("--coordinator", default=None,
+                      help="host:port of process 0 (else from the cluster)")
+  parser.add_argument("--num-processes", type=int, default=None)
+  parser.add_argument("--process-id", type=int, default=None)
   return parser.parse_args(argv)
 
 
@@ -92,9 +101,12 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.multihost:
-    # Reads the coordinator address, process count and id from the
-    # environment (or the cluster: SLURM, TPU pods, ...).
-    jax.distributed.initialize()
+    # What is not given is read from the cluster (SLURM, Cloud TPU, ...).
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
 
   n_devices = jax.device_count()
   fsdp = args.fsdp or n_devices
