@@ -57,7 +57,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--learning-rate", type=float, default=3e-3,
                       help="learning rate (arTuRO: the KL bound)")
   parser.add_argument("--fsdp", type=int, default=None,
-                      help="size of the 'fsdp' mesh axis (default: all devices)")
+                      help="size of the 'fsdp' mesh axis (default: all)")
   parser.add_argument("--max-bytes", type=int, default=1_000_000,
                       help="training bytes read from the stdlib sources")
   parser.add_argument("--log-every", type=int, default=20)

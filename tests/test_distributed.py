@@ -60,8 +60,9 @@ def test_specs_found_through_wrappers(wrapper):
   if wrapper == "chain":
     opt = optax.chain(optax.clip_by_global_norm(1.0), base)
   elif wrapper == "inject":
-    opt = optax.inject_hyperparams(optax_soaa.soaa, static_args=("total_steps",))(
-        learning_rate=1e-3, total_steps=10)
+    opt = optax.inject_hyperparams(
+        optax_soaa.soaa, static_args=("total_steps",)
+    )(learning_rate=1e-3, total_steps=10)
   elif wrapper == "multisteps":
     opt = optax.MultiSteps(base, every_k_schedule=2)
   else:
@@ -78,8 +79,8 @@ def test_specs_found_through_wrappers(wrapper):
       assert spec == want, keys
   # Every leaf is a spec, and exactly the scalar ones are replicated.
   state = jax.eval_shape(opt.init, _params())
-  for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)),
-                        jax.tree.leaves(state)):
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  for spec, leaf in zip(spec_leaves, jax.tree.leaves(state)):
     assert isinstance(spec, P)
     if leaf.ndim == 0:
       assert spec == P()
@@ -91,8 +92,8 @@ def test_leaves_of_other_shapes_are_replicated():
   opt = optax.adafactor(1e-3, min_dim_size_to_factor=4)
   specs = optax_soaa.state_partition_specs(opt, params, {"w": P("fsdp", None)})
   state = jax.eval_shape(opt.init, params)
-  for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)),
-                        jax.tree.leaves(state)):
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  for spec, leaf in zip(spec_leaves, jax.tree.leaves(state)):
     want = P("fsdp", None) if leaf.shape == (8, 16) else P()
     assert spec == want, leaf.shape
 

@@ -157,10 +157,15 @@ def state_shardings(
       return spec
     if spec is None or isinstance(spec, PartitionSpec):
       if mesh is None:
-        raise ValueError("`mesh` is required when shardings are PartitionSpecs.")
-      return jax.sharding.NamedSharding(mesh, spec if spec is not None else PartitionSpec())
+        raise ValueError(
+            "`mesh` is required when shardings are PartitionSpecs."
+        )
+      return jax.sharding.NamedSharding(
+          mesh, PartitionSpec() if spec is None else spec
+      )
     raise TypeError(
-        f"a sharding must be a jax.sharding.Sharding or PartitionSpec, got {spec!r}."
+        "a sharding must be a jax.sharding.Sharding or PartitionSpec, got "
+        f"{spec!r}."
     )
 
   shardings = jax.tree.map(
@@ -188,9 +193,9 @@ def state_partition_specs(
     params: optax.Params,
     specs: Any,
 ) -> Any:
-  """``PartitionSpec`` s of ``optimizer.init(params)``'s state, from the params'.
+  """``PartitionSpec`` s of ``optimizer.init(params)``'s state, from params'.
 
-  The ``shard_map`` / ``pmap``-free counterpart of :func:`state_shardings`:
+  The ``shard_map`` counterpart of :func:`state_shardings`:
   a state leaf that mirrors a parameter gets its spec, every other leaf
   ``PartitionSpec()`` (replicated). Use it for ``in_specs`` / ``out_specs``
   of a ``jax.shard_map`` train step in which the params are split and the

@@ -1,4 +1,4 @@
-"""One problem, four ways to run it: single device, pmap, sharded jit, shard_map.
+"""One problem, four ways to run it: one device, pmap, sharded jit, shard_map.
 
 Every runner trains the same Flax MLP on the same global batch for the same
 number of steps and returns host copies of (params, opt_state, losses), so a

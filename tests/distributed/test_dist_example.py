@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--steps", "2", "--width", "32", "--layers", "1", "--heads", "2",
         "--seq-len", "16", "--batch-size", "16", "--max-bytes", "20000",
         "--log-every", "1"]
