@@ -94,9 +94,10 @@ def _chunked_sum(fn, arrays, chunk, out_shape, dtype):
     return fn(*[jax.lax.dynamic_slice_in_dim(x, start, length) for x in flats])
 
   num_chunks = size // chunk
+  # part(0, 0), not jnp.zeros: under shard_map the zero must vary over the
+  # same mesh axes as the sums the loop adds to it.
   total = jax.lax.fori_loop(
-      0, num_chunks, lambda i, acc: acc + part(i * chunk, chunk),
-      jnp.zeros(out_shape, dtype),
+      0, num_chunks, lambda i, acc: acc + part(i * chunk, chunk), part(0, 0)
   )
   if num_chunks * chunk < size:
     total = total + part(num_chunks * chunk, size - num_chunks * chunk)
@@ -284,7 +285,7 @@ def arturo(
 
     def full(value):
       return jax.tree.map(
-          lambda p: jnp.full(jnp.shape(p), value, _stats_dtype(p)), params
+          lambda p: jnp.full_like(p, value, _stats_dtype(p)), params
       )
 
     return ArturoState(
@@ -295,7 +296,7 @@ def arturo(
         p01=full(0.0),
         p11=full(start_filter_cov),
         precision=jax.tree.map(
-            lambda p: jnp.ones(jnp.shape(p), _stats_dtype(p))
+            lambda p: jnp.ones_like(p, _stats_dtype(p))
             / jnp.asarray(var_init, _stats_dtype(p)),
             params,
         ),

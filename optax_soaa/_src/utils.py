@@ -137,7 +137,10 @@ def _leaf_sum(fn, leaves, dtype, chunk_size):
              for f in flats]
     return acc + jnp.sum(fn(*parts).astype(dtype), dtype=dtype)
 
-  total = jax.lax.fori_loop(0, num_chunks, body, jnp.zeros([], dtype))
+  # A zero computed from the leaves (an empty slice), not jnp.zeros: under
+  # shard_map it varies over the same mesh axes as the loop body's sums.
+  zero = jnp.sum(fn(*[f[:0] for f in flats]).astype(dtype), dtype=dtype)
+  total = jax.lax.fori_loop(0, num_chunks, body, zero)
   rest = num_chunks * chunk_size
   if rest < size:
     tail = fn(*[f[rest:] for f in flats])
