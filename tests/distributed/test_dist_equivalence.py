@@ -29,11 +29,16 @@ import optax_soaa
 
 P = jax.sharding.PartitionSpec
 TOL = 1e-5
+# On CPU the optimizers sum large leaves slice by slice (chunks of 65536
+# elements by default); a small chunk runs that code path on these small
+# leaves and on their shards, whole and partial chunks alike.
+CHUNK = 24
 
 
 def _soaa(axis_name):
   return optax_soaa.soaa(
-      3e-2, weight_decay=1e-3, total_steps=harness.STEPS, axis_name=axis_name
+      3e-2, weight_decay=1e-3, total_steps=harness.STEPS, axis_name=axis_name,
+      reduction_chunk_size=CHUNK,
   )
 
 
@@ -42,7 +47,7 @@ def _arturo(axis_name):
   return optax_soaa.arturo(
       0.05, reg_weight=0.0587, prior_prec=0.0015, dynamic_model_noise=0.0174,
       measurement_noise=2.82, start_filter_cov=5e-5, nu=1.3,
-      axis_name=axis_name,
+      axis_name=axis_name, chunk_size=CHUNK,
   )
 
 
@@ -176,7 +181,8 @@ def test_shard_map_without_axis_name_is_wrong(name):
   # trace time (a global scalar of the state would vary across devices);
   # without the check the run leaves the single-device one, which shows that
   # the shard_map test above can fail.
-  with pytest.raises((ValueError, TypeError), match="vary|manual axis"):
+  with pytest.raises((ValueError, TypeError),
+                     match="vary|manual axis|replicat"):
     harness.run_shard_map(CASES[name], axis_name=None, check_vma=True)
   _, state, _ = harness.run_shard_map(
       CASES[name], axis_name=None, check_vma=False
@@ -186,20 +192,7 @@ def test_shard_map_without_axis_name_is_wrong(name):
     assert_trees_close(state, ref_state, tol=100 * TOL)
 
 
-# arturo's init builds its filter arrays with jnp.full(jnp.shape(p), ...),
-# which under explicit sharding are replicated, not sharded like p; its first
-# update then mixes the two layouts in a jnp.where. The fix (jnp.full_like /
-# jnp.ones_like of p) belongs to optax_soaa/_src/arturo.py.
-_EXPLICIT_XFAIL = pytest.mark.xfail(
-    strict=True, reason="arturo init ignores the params' explicit sharding",
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=[_EXPLICIT_XFAIL] if n == "arturo" else [])
-     for n in CASES],
-)
+@pytest.mark.parametrize("name", CASES)
 def test_explicit_sharding_keeps_state_types(name):
   """With explicit mesh axes the state's sharding types follow the params'.
 
