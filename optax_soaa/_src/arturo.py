@@ -51,6 +51,20 @@ def _stats_dtype(leaf: Any) -> jnp.dtype:
   return jnp.promote_types(jnp.asarray(leaf).dtype, jnp.float32)
 
 
+def _even_chunk(size, chunk):
+  """A slice length within [chunk/2, 3 chunk/2] that divides `size`.
+
+  A shorter last slice is handled outside the loop, where XLA resolves the
+  filter's cross-reads by copying whole state arrays: avoid it when such a
+  divisor exists (else `chunk`, with its last slice).
+  """
+  lo = -(-2 * size // (3 * chunk))
+  for count in range(max(1, lo), 2 * size // chunk + 1):
+    if size % count == 0:
+      return size // count
+  return chunk
+
+
 def _chunked_update(fn, inputs, states, chunk):
   """`fn(*inputs, *states)` elementwise, written over `states` chunk by chunk.
 
@@ -63,6 +77,7 @@ def _chunked_update(fn, inputs, states, chunk):
   if chunk is None or size <= chunk:
     return tuple(fn(*inputs, *states))
   shape = states[0].shape
+  chunk = _even_chunk(size, chunk)
   flat_in = [x.reshape(-1) for x in inputs]
   flat_st = tuple(x.reshape(-1) for x in states)
 
@@ -88,6 +103,7 @@ def _chunked_sum(fn, arrays, chunk, out_shape, dtype):
   size = arrays[0].size
   if chunk is None or size <= chunk:
     return fn(*arrays)
+  chunk = _even_chunk(size, chunk)
   flats = [x.reshape(-1) for x in arrays]
 
   def part(start, length):
