@@ -10,6 +10,8 @@ from optax_soaa._src.adafisher import AdaFisherState
 from optax_soaa._src.adafisher import adafisherw
 from optax_soaa._src.adafisher import LayerStats
 from optax_soaa._src.adafisher import scale_by_adafisher
+from optax_soaa._src.arturo import arturo
+from optax_soaa._src.arturo import ArturoState
 from optax_soaa._src.soaa import scale_by_soaa
 from optax_soaa._src.soaa import soaa
 from optax_soaa._src.soaa import SOAAState
@@ -22,6 +24,8 @@ __all__ = (
     "adafisherw",
     "LayerStats",
     "scale_by_adafisher",
+    "arturo",
+    "ArturoState",
     "scale_by_soaa",
     "soaa",
     "SOAAState",
