@@ -284,13 +284,7 @@ def arturo(
   if levels_per_pass is None:
     levels_per_pass = _DEFAULT_LEVELS_PER_PASS
   utils.check_positive_int("levels_per_pass", levels_per_pass)
-  if chunk_size == "auto":
-    chunk = utils.default_chunk_size()
-  elif chunk_size is None:
-    chunk = None
-  else:
-    utils.check_positive_int("chunk_size", chunk_size)
-    chunk = int(chunk_size)
+  utils.check_chunk_size("chunk_size", chunk_size)
   rho = utils._concrete_float(reg_weight)  # pylint: disable=protected-access
   nu_ = utils._concrete_float(nu)  # pylint: disable=protected-access
   if rho is not None and nu_ is not None and rho + nu_ <= 0:
@@ -336,6 +330,7 @@ def arturo(
     utils.check_tree_structures_match("updates", updates, "params", params)
     grads = updates
     sdtype = state.eta.dtype
+    chunk = utils.resolve_chunk_size(chunk_size)
     first = state.count == 0
     kl_value = kl_fn(state.count)
     eps = jnp.asarray(kl_value, sdtype)

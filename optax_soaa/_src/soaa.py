@@ -68,10 +68,11 @@ def scale_by_soaa(
       parameters are *split*; the global sums are then ``psum``-ed over it.
       Leave ``None`` for replicated data parallelism and for sharded ``jit``.
     reduction_chunk_size: how the predicted-reduction sum is evaluated:
-      ``"auto"`` (slices of 65536 elements on the CPU backend, where XLA would
-      otherwise allocate a parameter-sized temporary each step; one fused sum
-      elsewhere), an int, or ``None`` (always one sum). Only the summation
-      order differs.
+      ``"auto"`` (slices of 65536 elements when tracing for a single CPU
+      device, where XLA would otherwise allocate a parameter-sized temporary
+      each step; one fused sum on GPU/TPU and with several devices, where
+      slicing sharded leaves would gather them), an int, or ``None`` (always
+      one sum). Only the summation order differs.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes the
@@ -88,7 +89,7 @@ def scale_by_soaa(
   utils.check_positive_int("total_steps", total_steps)
   utils.check_choice("curvature", curvature, CURVATURES)
   mu_dtype = optax._src.utils.canonicalize_dtype(mu_dtype)  # pylint: disable=protected-access
-  chunk_size = utils.resolve_chunk_size(reduction_chunk_size)
+  utils.check_chunk_size("reduction_chunk_size", reduction_chunk_size)
   lr_fn = utils.as_schedule(learning_rate)
   use_variance = curvature == "variance"
 
@@ -113,6 +114,7 @@ def scale_by_soaa(
     del params, extra_args
     grads = updates
     sdtype = state.dt.dtype
+    chunk_size = utils.resolve_chunk_size(reduction_chunk_size)
     count_inc = numerics.safe_int32_increment(state.count)
     t = count_inc.astype(sdtype)
     lr = jnp.asarray(lr_fn(state.count), sdtype)

@@ -110,19 +110,26 @@ def scalar_dtype(tree: Any) -> jnp.dtype:
 CPU_CHUNK_SIZE = 65536
 
 
-def default_chunk_size() -> Optional[int]:
-  """The chunk size `tree_sum` uses for expensive sums on this backend."""
-  return CPU_CHUNK_SIZE if jax.default_backend() == "cpu" else None
+def check_chunk_size(name: str, chunk_size: Any) -> None:
+  """Validates a chunk-size option: "auto", None or a positive int."""
+  if chunk_size == "auto" or chunk_size is None:
+    return
+  check_positive_int(name, chunk_size)
 
 
 def resolve_chunk_size(chunk_size: Any) -> Optional[int]:
-  """Maps the user-facing `reduction_chunk_size` option to an int or None."""
+  """The chunk size to trace with, for a `check_chunk_size`-valid option.
+
+  Called inside `update`, at trace time: "auto" asks the backend only then,
+  after `jax.distributed.initialize` and once the devices are known. It
+  chunks on a single CPU device only: with several devices the leaves may be
+  sharded, and slicing them would make XLA gather them whole.
+  """
   if chunk_size == "auto":
-    return default_chunk_size()
-  if chunk_size is None:
+    if jax.default_backend() == "cpu" and jax.device_count() == 1:
+      return CPU_CHUNK_SIZE
     return None
-  check_positive_int("reduction_chunk_size", chunk_size)
-  return int(chunk_size)
+  return None if chunk_size is None else int(chunk_size)
 
 
 def _leaf_sum(fn, leaves, dtype, chunk_size):

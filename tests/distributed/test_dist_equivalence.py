@@ -144,19 +144,10 @@ def test_sharded_jit_matches_single_device(name):
   assert n_mirrored >= 2 * len(by_path)  # At least one copy per param.
 
 
-# optax_soaa.flax.value_grad_and_stats under shard_map(check_vma=True): its
-# probes are invariant but their cotangents (the statistic s) vary over the
-# batch axis, which custom_vjp rejects. The fix (make the probes vary like
-# the inputs) belongs to optax_soaa/flax/_adafisher_stats.py.
-_VMA_XFAIL = pytest.mark.xfail(
-    raises=ValueError, strict=True,
-    reason="value_grad_and_stats probes are invariant under check_vma=True",
-)
 # check_vma=False (the user psums the gradients over the replica axes
 # himself) for one optimizer with split params and for AdaFisher.
 SHARD_MAP_PARAMS = [
-    pytest.param(name, vma, id=f"{name}-{'vma' if vma else 'novma'}",
-                 marks=[_VMA_XFAIL] if (CASES[name].stats and vma) else [])
+    pytest.param(name, vma, id=f"{name}-{'vma' if vma else 'novma'}")
     for name in CASES for vma in (True, False)
     if vma or name in ("soaa", "adafisher")
 ]
