@@ -12,11 +12,18 @@ import pytest
 
 import _reliability as R
 
-# Tests that need /work/patches/{utils,soaa}.py.patch (trace-time tree checks
-# in SOAA's update). Remove the marker once the patches are applied.
-NEEDS_PATCH = pytest.mark.xfail(
-    strict=True, reason="SOAA update lacks a structure/shape check (patch pending)"
-)
+# Checks that some optimizers still lack; each needs a patch under
+# /work/patches/ (utils.py.patch adds utils.check_trees_match; soaa.py.patch,
+# adafisher.py.patch and arturo.py.patch call it in `update`). Empty these sets
+# once the patches are applied: an xfail that passes is reported as a failure.
+LACKS_STRUCTURE_MESSAGE = {"soaa", "soaa_second_moment", "adafisher",
+                           "adafisher_adam"}
+LACKS_SHAPE_CHECK = LACKS_STRUCTURE_MESSAGE | {"arturo"}
+
+
+def _marked(names, lacking):
+  mark = pytest.mark.xfail(strict=True, reason="check missing: patch pending")
+  return [pytest.param(n, marks=mark) if n in lacking else n for n in names]
 
 
 def _params():
@@ -65,8 +72,7 @@ def test_grads_structure_mismatch_raises_at_trace_time(name, case):
     f(grads, state, params)
 
 
-@pytest.mark.parametrize("name", R.NAMES)
-@NEEDS_PATCH
+@pytest.mark.parametrize("name", _marked(R.NAMES, LACKS_STRUCTURE_MESSAGE))
 def test_grads_structure_mismatch_message_names_the_arguments(name):
   spec = R.SPECS[name]
   tx = spec.make()
@@ -77,8 +83,7 @@ def test_grads_structure_mismatch_message_names_the_arguments(name):
         {"w": params["w"]}, state, params)
 
 
-@pytest.mark.parametrize("name", R.NAMES)
-@NEEDS_PATCH
+@pytest.mark.parametrize("name", _marked(R.NAMES, LACKS_SHAPE_CHECK))
 def test_grads_shape_mismatch_names_the_leaf(name):
   spec = R.SPECS[name]
   tx = spec.make()
@@ -235,3 +240,46 @@ def test_without_apply_if_finite_nonfinite_grads_poison_the_state(name):
   # The state keeps the NaN: later finite gradients do not recover it.
   updates, state = step(grads, state, params)
   assert not bool(jnp.all(jnp.isfinite(jax.tree.leaves(updates)[0])))
+
+
+# ------------------------------------------------- AdaFisher statistics ---
+
+ADAFISHER = [n for n in R.NAMES if R.SPECS[n].extra == "stats"]
+
+
+def _real_stats():
+  import optax_soaa.flax  # pylint: disable=g-import-not-at-top
+  params = R.init_params()
+  x, y = R.batch_at(0, 0)
+  _, grads, stats = optax_soaa.flax.value_grad_and_stats(R.loss_fn)(params, x, y)
+  return params, grads, stats
+
+
+@pytest.mark.parametrize("name", ADAFISHER)
+@pytest.mark.parametrize("field,size", [("h", 3), ("s", 5)])
+def test_adafisher_stats_of_wrong_shape_raise(name, field, size):
+  import optax_soaa  # pylint: disable=g-import-not-at-top
+
+  spec = R.SPECS[name]
+  tx = spec.make()
+  params, grads, stats = _real_stats()
+  kernel = stats["Dense_0"]["kernel"]  # kernel (4, 8): h has 4 or 5, s has 8
+  assert isinstance(kernel, optax_soaa.LayerStats)
+  bad = optax_soaa.LayerStats(
+      **{**{"h": kernel.h, "s": kernel.s}, field: jnp.ones(size)},
+      part=kernel.part)
+  stats = {**stats, "Dense_0": {**stats["Dense_0"], "kernel": bad}}
+  with pytest.raises(ValueError, match=r"\['Dense_0'\]\['kernel'\].*entries"):
+    jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))(
+        grads, tx.init(params), params, stats)
+
+
+@pytest.mark.parametrize("name", ADAFISHER)
+def test_adafisher_stats_structure_mismatch_raises(name):
+  spec = R.SPECS[name]
+  tx = spec.make()
+  params, grads, stats = _real_stats()
+  stats = {"Dense_0": stats["Dense_0"]}
+  with pytest.raises(ValueError, match="`stats` must be a pytree"):
+    jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))(
+        grads, tx.init(params), params, stats)
