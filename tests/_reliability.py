@@ -132,8 +132,11 @@ def loss_fn(params, x, y):
   return jnp.mean(jnp.square(pred - y))
 
 
-def make_train_step(name: str, tx, seed: int = 0):
-  """A jitted `(params, opt_state, step) -> (params, opt_state, loss)`."""
+def make_train_step(name: str, tx):
+  """A jitted `(params, opt_state, step, seed) -> (params, opt_state, loss)`.
+
+  `step` and `seed` are traced: one compilation serves every step and seed.
+  """
   spec = SPECS[name]
   if spec.extra == "stats":
     import optax_soaa.flax  # pylint: disable=g-import-not-at-top
@@ -143,7 +146,7 @@ def make_train_step(name: str, tx, seed: int = 0):
     value_grad = lambda *a: (*plain(*a), None)
 
   @jax.jit
-  def train_step(params, opt_state, step):
+  def train_step(params, opt_state, step, seed):
     x, y = batch_at(seed, step)
     loss, grads, stats = value_grad(params, x, y)
     updates, opt_state = update(
@@ -155,9 +158,9 @@ def make_train_step(name: str, tx, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
-def default_train_step(name: str, seed: int = 0):
+def default_train_step(name: str):
   """The train step of `SPECS[name].make()`, compiled once per process."""
-  return make_train_step(name, SPECS[name].make(), seed)
+  return make_train_step(name, SPECS[name].make())
 
 
 def run(name: str, params, opt_state, start: int, stop: int, seed: int = 0,
@@ -168,12 +171,13 @@ def run(name: str, params, opt_state, start: int, stop: int, seed: int = 0,
   reused across calls; pass `tx` for other options (compiles again).
   """
   if tx is None:
-    train_step = default_train_step(name, seed)
+    train_step = default_train_step(name)
   else:
-    train_step = make_train_step(name, tx, seed)
+    train_step = make_train_step(name, tx)
   losses = []
   for step in range(start, stop):
-    params, opt_state, loss = train_step(params, opt_state, step)
+    params, opt_state, loss = train_step(
+        params, opt_state, jnp.int32(step), jnp.int32(seed))
     losses.append(loss)
   return params, opt_state, jnp.stack(losses) if losses else jnp.zeros([0])
 
