@@ -85,6 +85,9 @@ if HAS_ADAFISHER:
       _adafisher("adam"), extra="stats", zero_grad_zero_update=True)
 
 NAMES = tuple(SPECS)
+# One configuration per algorithm, for the tests whose subject does not
+# depend on the variant (each optimizer costs a compilation per test).
+CORE = tuple(n for n in ("soaa", "arturo", "adafisher") if n in SPECS)
 
 
 def update(spec: Spec, tx, grads, state, params, *, value=None, stats=None):

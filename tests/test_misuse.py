@@ -180,7 +180,7 @@ def _grads_and_stats(name, params):
   return loss, grads, stats
 
 
-@pytest.mark.parametrize("name", R.NAMES)
+@pytest.mark.parametrize("name", R.CORE)
 @pytest.mark.parametrize("bad", list(BAD))
 def test_apply_if_finite_skips_nonfinite_grads_and_keeps_state(name, bad):
   tx, jitted = _step(name, wrap_finite=True)
@@ -202,7 +202,7 @@ def test_apply_if_finite_skips_nonfinite_grads_and_keeps_state(name, bad):
   assert any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
 
 
-@pytest.mark.parametrize("name", [n for n in R.NAMES if R.SPECS[n].extra == "value"])
+@pytest.mark.parametrize("name", [n for n in R.CORE if R.SPECS[n].extra == "value"])
 def test_apply_if_finite_passes_value_through(name):
   """apply_if_finite checks only the gradients; a bad loss still reaches the
   optimizer, which skips it itself."""
@@ -222,7 +222,7 @@ def test_apply_if_finite_passes_value_through(name):
 GLOBAL_POISON = {"soaa", "soaa_second_moment"}
 
 
-@pytest.mark.parametrize("name", R.NAMES)
+@pytest.mark.parametrize("name", R.CORE)
 def test_without_apply_if_finite_nonfinite_grads_poison_the_state(name):
   tx, jitted = _step(name)
   params = R.init_params()

@@ -128,7 +128,7 @@ def test_arturo_filter_is_float32_for_bf16_params(name):
       jnp.dtype(jnp.float32)}
 
 
-@pytest.mark.parametrize("name", R.NAMES)
+@pytest.mark.parametrize("name", R.CORE)
 def test_bf16_params_with_wide_state_tracks_float32(name):
   """A bf16 model whose momentum is f32 steps like the f32 model, to bf16
   precision (same bf16-representable inputs).

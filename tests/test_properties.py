@@ -22,7 +22,7 @@ import pytest
 import _reliability as R
 
 SETTINGS = hypothesis.settings(
-    max_examples=12, deadline=None, derandomize=True, database=None,
+    max_examples=10, deadline=None, derandomize=True, database=None,
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 
