@@ -33,6 +33,8 @@ class ReferenceArturo:
     self.b = self.h = self.p00 = self.p01 = self.p11 = None
     self.bisection_steps = 0
     self.kl = 0.0
+    self.capped_steps = 0  # steps whose bracket was cut at max_eta
+    self.early_stops = 0  # steps ended by |d| < 0.1 ε
 
   def _eps(self) -> float:
     if callable(self.kl_bound):
@@ -84,21 +86,23 @@ class ReferenceArturo:
       lo, hi = 0.0, self.max_eta
     else:
       lo, hi = self.eta / 3, min(3 * self.eta, self.max_eta)
+      self.capped_steps += 3 * self.eta > self.max_eta
     steps = 0
     while hi - lo > self.eta_tol:
       steps += 1
       mid = (lo + hi) / 2
       d = dual(mid)
+      self.kl = d + eps
       if d > 0:
         lo = mid
       else:
         hi = mid
       if abs(d) < 0.1 * eps:
+        self.early_stops += 1
         break
     self.eta = (lo + hi) / 2
     self.bisection_steps = steps
     mus = new_mean(self.eta)
-    self.kl = dual(self.eta) + eps
     self.precision = [
         (h + rp + self.nu * lam) / (self.reg_weight + self.nu)
         for h, lam in zip(self.h, self.precision)

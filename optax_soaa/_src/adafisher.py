@@ -312,6 +312,11 @@ _DOC_COMMON = r"""
     for it on that step; without ``stats`` (or with ``None`` at a leaf) the
     fallback applies. On steps that do not refresh, the statistics passed
     only decide which leaves use their Fisher; their values are ignored.
+  * Kernels are laid out ``(..., in, out)`` as Flax's are (``Dense``:
+    ``(in, out)``, the transpose of PyTorch's ``W[o, i]``; ``Conv``:
+    ``(kh, kw, in, out)``), so ``F̃ = outer(H, S)`` reshaped to the kernel.
+  * The first refresh is the first step (count 0), as the reference's
+    ``steps % TCov == 0`` with ``steps`` starting at 0.
   * Statistics are per layer vectors (``fan_in + out`` numbers per leaf), so
     the state is Adam-like in memory: one params-sized momentum (two with
     ``fallback="adam"``) plus those vectors.

@@ -44,6 +44,7 @@ def scale_by_soaa(
     curvature: str = "variance",
     mu_dtype: Optional[Any] = None,
     axis_name: Optional[str] = None,
+    reduction_chunk_size: Union[int, str, None] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales gradients into SOAA's trust-region direction ``g_adj``.
 
@@ -66,6 +67,11 @@ def scale_by_soaa(
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are *split*; the global sums are then ``psum``-ed over it.
       Leave ``None`` for replicated data parallelism and for sharded ``jit``.
+    reduction_chunk_size: how the predicted-reduction sum is evaluated:
+      ``"auto"`` (slices of 65536 elements on the CPU backend, where XLA would
+      otherwise allocate a parameter-sized temporary each step; one fused sum
+      elsewhere), an int, or ``None`` (always one sum). Only the summation
+      order differs.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes the
@@ -82,22 +88,24 @@ def scale_by_soaa(
   utils.check_positive_int("total_steps", total_steps)
   utils.check_choice("curvature", curvature, CURVATURES)
   mu_dtype = optax._src.utils.canonicalize_dtype(mu_dtype)  # pylint: disable=protected-access
+  chunk_size = utils.resolve_chunk_size(reduction_chunk_size)
   lr_fn = utils.as_schedule(learning_rate)
   use_variance = curvature == "variance"
 
   def init_fn(params):
     sdtype = utils.scalar_dtype(params)
-    zero = jnp.zeros([], sdtype)
+    # A fresh array per field: shared buffers cannot be donated.
+    zero = lambda: jnp.zeros([], sdtype)
     return SOAAState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
         nu=optax.tree.zeros_like(params),
         curvature=optax.tree.zeros_like(params) if use_variance else None,
         dt=jnp.ones([], sdtype),
-        loss_avg=zero,
-        predicted_reduction=zero,
-        trust_ratio=zero,
-        fisher_ratio=zero,
+        loss_avg=zero(),
+        predicted_reduction=zero(),
+        trust_ratio=zero(),
+        fisher_ratio=zero(),
         skipped_values=jnp.zeros([], jnp.int32),
     )
 
@@ -114,7 +122,10 @@ def scale_by_soaa(
     bc1 = 1 - b1_**t
     bc2 = 1 - b2_**t
 
-    # Pass 1: moments, and the two global sums of the Fisher ratio r.
+    # Pass 1: moments, and the two global sums of the Fisher ratio r. The
+    # bias corrections and eps come out of the sums as scalars
+    # (Σ m̂² = Σ m² / bc1², Σ (v̂ + eps) = Σ v / bc2 + n eps) so the sums read
+    # the new moments directly, with no full-size temporary.
     mu = optax.tree.update_moment(grads, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
     if use_variance:
@@ -122,42 +133,46 @@ def scale_by_soaa(
           lambda g, m, v: b2 * v + (1 - b2) * jnp.square(g - m / bc1.astype(m.dtype)),
           grads, mu, state.curvature,
       )
-      v_state = curv
+      curv = optax.tree.cast_like(curv, state.curvature)
     else:
       curv = None
-      v_state = nu
     mu = optax.tree.cast(mu, mu_dtype)
     nu = optax.tree.cast_like(nu, state.nu)
-    if use_variance:
-      curv = optax.tree.cast_like(curv, state.curvature)
-      v_state = curv
-    sum_m2 = utils.tree_sum(
-        lambda m: jnp.square(m.astype(sdtype) / bc1), mu,
-        dtype=sdtype, axis_name=axis_name,
-    )
-    sum_v = utils.tree_sum(
-        lambda v: v.astype(sdtype) / bc2 + eps_, v_state,
-        dtype=sdtype, axis_name=axis_name,
-    )
-    fisher_ratio = sum_m2 / sum_v
-    # The ratio must be known before any update is formed: materialise the
-    # moments here so that pass 2 reads them instead of recomputing pass 1.
-    mu, nu, curv, fisher_ratio = jax.lax.optimization_barrier(
-        (mu, nu, curv, fisher_ratio)
-    )
     v_state = curv if use_variance else nu
+    sum_m2 = utils.tree_sum(jnp.square, mu, dtype=sdtype) / jnp.square(bc1)
+    sum_v = (
+        utils.tree_sum(lambda v: v, v_state, dtype=sdtype) / bc2
+        + utils.tree_size(v_state) * eps_
+    )
+    if axis_name is not None:
+      sum_m2, sum_v = jax.lax.psum((sum_m2, sum_v), axis_name)
+    fisher_ratio = sum_m2 / sum_v
 
     # Pass 2: the trust-region direction (dt of step t-1).
     dt = state.dt
 
+    # Pass 2 scales by reciprocals while the curvature update divides: the
+    # two expressions then stay distinct, so XLA fuses each into its single
+    # consumer instead of materialising a shared m̂ the size of the params.
+    inv_bc1 = 1 / bc1
+    inv_bc2 = 1 / bc2
+
     def direction(m, s, v):
       dtype = jnp.promote_types(m.dtype, s.dtype)
-      m_hat = m.astype(dtype) / bc1.astype(dtype)
-      s_hat = s.astype(dtype) / bc2.astype(dtype)
-      v_hat = v.astype(dtype) / bc2.astype(dtype)
+      m_hat = m.astype(dtype) * inv_bc1.astype(dtype)
+      s_hat = s.astype(dtype) * inv_bc2.astype(dtype)
+      v_hat = v.astype(dtype) * inv_bc2.astype(dtype)
       fisher = (1 + fisher_ratio.astype(dtype)) * v_hat
       scale = jnp.maximum(dt.astype(dtype) * fisher, jnp.sqrt(s_hat))
       return m_hat * dt.astype(dtype) / (scale + eps_.astype(dtype))
+
+    def predicted_reduction_terms(m, s, v):
+      # m̂·g_adj - ½ v̂·g_adj², recomputing g_adj so that the returned updates
+      # keep a single consumer (and fuse into `apply_updates`).
+      u = direction(m, s, v).astype(sdtype)
+      m_hat = m.astype(sdtype) * inv_bc1
+      v_hat = v.astype(sdtype) * inv_bc2
+      return u * (m_hat - 0.5 * v_hat * u)
 
     g_adj = jax.tree.map(direction, mu, nu, v_state)
 
@@ -181,15 +196,9 @@ def scale_by_soaa(
       lower = (1 - gamma_) ** exponent
       upper = 1 + gamma_**exponent
       new_dt = jnp.clip(new_trust_ratio * dt, lower, upper)
-      new_pr = lr * (
-          utils.tree_sum(
-              lambda m, u: (m.astype(sdtype) / bc1) * u.astype(sdtype),
-              mu, g_adj, dtype=sdtype, axis_name=axis_name,
-          )
-          - 0.5 * utils.tree_sum(
-              lambda v, u: (v.astype(sdtype) / bc2) * jnp.square(u.astype(sdtype)),
-              v_state, g_adj, dtype=sdtype, axis_name=axis_name,
-          )
+      new_pr = lr * utils.tree_sum(
+          predicted_reduction_terms, mu, nu, v_state, dtype=sdtype,
+          axis_name=axis_name, chunk_size=chunk_size,
       )
       keep = lambda new, old: jnp.where(finite, new, old)
       loss_avg = keep(new_loss_avg, loss_avg)
@@ -229,6 +238,7 @@ def soaa(
     mu_dtype: Optional[Any] = None,
     weight_decay_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     axis_name: Optional[str] = None,
+    reduction_chunk_size: Union[int, str, None] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAA: Second-Order Adaptive Approximation.
 
@@ -299,6 +309,7 @@ def soaa(
     mu_dtype: optional dtype of the first moment.
     weight_decay_mask: optional mask (or function of params) for the decay.
     axis_name: see :func:`scale_by_soaa`.
+    reduction_chunk_size: see :func:`scale_by_soaa`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -308,7 +319,7 @@ def soaa(
       scale_by_soaa(
           learning_rate, b1=b1, b2=b2, gamma=gamma, eps=eps,
           total_steps=total_steps, curvature=curvature, mu_dtype=mu_dtype,
-          axis_name=axis_name,
+          axis_name=axis_name, reduction_chunk_size=reduction_chunk_size,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -1,0 +1,88 @@
+"""A NumPy float64 restatement of shared/specs/soaa.md, one step at a time.
+
+Written from the spec page, not from the library: leaves are flat float64
+arrays and every sum runs over all of them.
+"""
+
+import dataclasses
+from typing import Callable, List, Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class ReferenceState:
+  t: int
+  m: List[np.ndarray]
+  s: List[np.ndarray]
+  v: Optional[List[np.ndarray]]
+  dt: float = 1.0
+  loss_avg: float = 0.0
+  pr: float = 0.0
+  trust_ratio: float = 0.0
+  fisher_ratio: float = 0.0
+
+
+def init(params: List[np.ndarray], curvature: str) -> ReferenceState:
+  zeros = [np.zeros_like(p, dtype=np.float64) for p in params]
+  return ReferenceState(
+      t=0, m=[z.copy() for z in zeros], s=[z.copy() for z in zeros],
+      v=[z.copy() for z in zeros] if curvature == "variance" else None,
+  )
+
+
+def step(
+    state: ReferenceState,
+    grads: List[np.ndarray],
+    params: List[np.ndarray],
+    loss: Optional[float],
+    *,
+    lr_fn: Callable[[int], float],
+    b1: float,
+    b2: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+    total_steps: int,
+    curvature: str,
+):
+  """Returns (updates, new_state) for step t = state.t + 1."""
+  t = state.t + 1
+  lr = float(lr_fn(t - 1))
+  m = [b1 * m + (1 - b1) * g for m, g in zip(state.m, grads)]
+  s = [b2 * s + (1 - b2) * g * g for s, g in zip(state.s, grads)]
+  m_hat = [x / (1 - b1**t) for x in m]
+  s_hat = [x / (1 - b2**t) for x in s]
+  if curvature == "variance":
+    v = [b2 * v + (1 - b2) * (g - mh) ** 2
+         for v, g, mh in zip(state.v, grads, m_hat)]
+    v_hat = [x / (1 - b2**t) for x in v]
+  else:
+    v = None
+    v_hat = s_hat
+  r = sum(np.sum(x * x) for x in m_hat) / sum(np.sum(x + eps) for x in v_hat)
+  fisher = [(1 + r) * x for x in v_hat]
+  dt = state.dt
+  g_adj = [
+      mh * dt / (np.maximum(dt * f, np.sqrt(sh)) + eps)
+      for mh, f, sh in zip(m_hat, fisher, s_hat)
+  ]
+  updates = [-lr * weight_decay * p - lr * u for p, u in zip(params, g_adj)]
+
+  new = ReferenceState(t=t, m=m, s=s, v=v, dt=state.dt,
+                       loss_avg=state.loss_avg, pr=state.pr,
+                       trust_ratio=state.trust_ratio, fisher_ratio=r)
+  if loss is not None and np.isfinite(loss):
+    loss_avg = b1 * state.loss_avg + (1 - b1) * loss
+    loss_hat = loss if t == 1 else loss_avg / (1 - b1**t)
+    lo = (1 - gamma) ** ((t - 1) / total_steps)
+    hi = 1 + gamma ** ((t - 1) / total_steps)
+    ratio = (loss_hat - loss) / max(state.pr, eps)
+    new.dt = min(max(ratio * state.dt, lo), hi)
+    new.pr = lr * (
+        sum(np.sum(mh * u) for mh, u in zip(m_hat, g_adj))
+        - 0.5 * sum(np.sum(vh * u * u) for vh, u in zip(v_hat, g_adj))
+    )
+    new.loss_avg = loss_avg
+    new.trust_ratio = ratio
+  return updates, new
