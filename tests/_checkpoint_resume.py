@@ -15,8 +15,8 @@ import sys
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reliability as R  # pylint: disable=g-import-not-at-top
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import _reliability as R  # pylint: disable=g-import-not-at-top
 
 from optax_soaa import checkpoint  # pylint: disable=g-import-not-at-top
 

@@ -1,7 +1,7 @@
 """Optimizer-state memory per precision mode, measured from the state pytree.
 
-    python tests/state_memory.py           # print the markdown table
-    python tests/state_memory.py --write   # refresh it in docs/reliability.md
+    python -m tests.state_memory           # print the markdown table
+    python -m tests.state_memory --write   # refresh it in docs/reliability.md
 
 Bytes are summed over the leaves of ``jax.eval_shape(tx.init, params)`` (no
 memory is allocated) for a reference parameter tree of two dense layers.
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reliability as R  # pylint: disable=g-import-not-at-top
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import _reliability as R  # pylint: disable=g-import-not-at-top
 
 import optax_soaa  # pylint: disable=g-import-not-at-top
 

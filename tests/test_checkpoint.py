@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-import _reliability as R
+from tests import _reliability as R
 from optax_soaa import checkpoint
 
 SAVE_AT = 3

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-import _reliability as R
+from tests import _reliability as R
 
 STEPS = 4
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-import _reliability as R
+from tests import _reliability as R
 
 # Checks that some optimizers still lack; each needs a patch under
 # /work/patches/ (utils.py.patch adds utils.check_trees_match; soaa.py.patch,

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-import _reliability as R
-import state_memory
+from tests import _reliability as R
+from tests import state_memory
 
 # Optimizers that cannot yet hold ALL params-shaped state in a chosen dtype
 # (no `nu_dtype`); /work/patches/{soaa,adafisher}.py.patch add it. Empty this
@@ -151,4 +151,4 @@ def test_bf16_params_with_wide_state_tracks_float32(name):
 
 def test_memory_table_in_docs_is_the_measured_one():
   assert state_memory.doc_table() == state_memory.table(), (
-      "docs/reliability.md is stale: run `python tests/state_memory.py --write`")
+      "docs/reliability.md is stale: run `python -m tests.state_memory --write`")

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-import _reliability as R
+from tests import _reliability as R
 
 SETTINGS = hypothesis.settings(
     max_examples=10, deadline=None, derandomize=True, database=None,
