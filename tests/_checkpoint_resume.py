@@ -22,6 +22,11 @@ from optax_soaa import checkpoint  # pylint: disable=g-import-not-at-top
 
 
 def main(root, stop, names):
+  # The optimizers, their Flax helpers and optax_soaa.checkpoint itself must
+  # not import orbax until a checkpoint is read or written.
+  early = sorted(m for m in sys.modules if m.startswith("orbax"))
+  if early:
+    raise SystemExit(f"orbax imported at import time: {early}")
   for name in names:
     tx = R.SPECS[name].make()
     params_like = jax.eval_shape(R.init_params)

@@ -21,7 +21,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
   """Runs every optimizer uninterrupted and up to SAVE_AT (then saves), and
-  resumes all of them in ONE fresh Python process (one start-up cost)."""
+  resumes all of them in ONE fresh Python process (one start-up cost). That
+  process also checks that importing optax_soaa (core, Flax helpers,
+  checkpoint module) imports no orbax."""
   root = str(tmp_path_factory.mktemp("ckpt"))
   reference = {}
   for name in R.NAMES:
