@@ -12,20 +12,6 @@ import pytest
 
 from tests import _reliability as R
 
-# Checks that some optimizers still lack; each needs a patch under
-# /work/patches/ (utils.py.patch adds utils.check_trees_match; soaa.py.patch,
-# adafisher.py.patch and arturo.py.patch call it in `update`). Empty these sets
-# once the patches are applied: an xfail that passes is reported as a failure.
-LACKS_STRUCTURE_MESSAGE = {"soaa", "soaa_second_moment", "adafisher",
-                           "adafisher_adam"}
-LACKS_SHAPE_CHECK = LACKS_STRUCTURE_MESSAGE | {"arturo"}
-
-
-def _marked(names, lacking):
-  mark = pytest.mark.xfail(strict=True, reason="check missing: patch pending")
-  return [pytest.param(n, marks=mark) if n in lacking else n for n in names]
-
-
 def _params():
   return {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
 
@@ -72,7 +58,7 @@ def test_grads_structure_mismatch_raises_at_trace_time(name, case):
     f(grads, state, params)
 
 
-@pytest.mark.parametrize("name", _marked(R.NAMES, LACKS_STRUCTURE_MESSAGE))
+@pytest.mark.parametrize("name", R.NAMES)
 def test_grads_structure_mismatch_message_names_the_arguments(name):
   spec = R.SPECS[name]
   tx = spec.make()
@@ -83,7 +69,7 @@ def test_grads_structure_mismatch_message_names_the_arguments(name):
         {"w": params["w"]}, state, params)
 
 
-@pytest.mark.parametrize("name", _marked(R.NAMES, LACKS_SHAPE_CHECK))
+@pytest.mark.parametrize("name", R.NAMES)
 def test_grads_shape_mismatch_names_the_leaf(name):
   spec = R.SPECS[name]
   tx = spec.make()

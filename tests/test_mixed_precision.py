@@ -13,7 +13,6 @@ from tests import state_memory
 # Optimizers that cannot yet hold ALL params-shaped state in a chosen dtype
 # (no `nu_dtype`); /work/patches/{soaa,adafisher}.py.patch add it. Empty this
 # set once applied (a strict xfail that passes fails the suite).
-LACKS_STATE_DTYPE = {"soaa", "soaa_second_moment", "adafisher_adam"}
 # arTuRO keeps its Kalman filter in float32 or wider by design: no bf16 state.
 NO_STATE_DTYPE_BY_DESIGN = {"arturo"}
 
@@ -101,13 +100,8 @@ def test_mode_keeps_dtypes_and_scalars_stay_wide(name, params_dtype, kwargs):
             jnp.dtype(kwargs["nu_dtype"])}
 
 
-def _state_marked(names):
-  mark = pytest.mark.xfail(strict=True, reason="no nu_dtype yet: patch pending")
-  return [pytest.param(n, marks=mark) if n in LACKS_STATE_DTYPE else n
-          for n in names if n not in NO_STATE_DTYPE_BY_DESIGN]
-
-
-@pytest.mark.parametrize("name", _state_marked(R.NAMES))
+@pytest.mark.parametrize(
+    "name", [n for n in R.NAMES if n not in NO_STATE_DTYPE_BY_DESIGN])
 @pytest.mark.parametrize("params_dtype,state_dtype",
                          [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)])
 def test_all_params_shaped_state_in_chosen_dtype(name, params_dtype, state_dtype):

@@ -327,7 +327,7 @@ def arturo(
     del extra_args
     if params is None:
       raise ValueError("arturo's `update` needs `params` (the means θ).")
-    utils.check_tree_structures_match("updates", updates, "params", params)
+    utils.check_trees_match("updates", updates, "params", params)
     grads = updates
     sdtype = state.eta.dtype
     chunk = utils.resolve_chunk_size(chunk_size)

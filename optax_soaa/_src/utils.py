@@ -195,3 +195,17 @@ def check_tree_structures_match(
         f"`{name_a}` and `{name_b}` must have the same pytree structure; got\n"
         f"  {name_a}: {struct_a}\n  {name_b}: {struct_b}"
     )
+
+
+def check_trees_match(name_a: str, tree_a: Any, name_b: str, tree_b: Any) -> None:
+  """Raises `ValueError` (at trace time) unless two pytrees have the same
+  structure and leaf shapes; the message names the first differing leaf."""
+  check_tree_structures_match(name_a, tree_a, name_b, tree_b)
+  paths_a = jax.tree_util.tree_leaves_with_path(tree_a)
+  for (path, a), b in zip(paths_a, jax.tree.leaves(tree_b)):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(
+          f"`{name_a}` and `{name_b}` must have the same leaf shapes; at "
+          f"{jax.tree_util.keystr(path)} got {name_a}: {jnp.shape(a)}, "
+          f"{name_b}: {jnp.shape(b)}."
+      )
