@@ -373,64 +373,47 @@ _DOC_COMMON = r"""
 """
 
 
-def adafisher(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    decay: float = 0.92,
-    new_weight: float = 0.008,
-    damping: float = 1e-3,
-    stats_every: int = 100,
-    weight_decay: float = 0.0,
-    *,
-    fallback: str = "identity",
-    fallback_b2: float = 0.999,
-    fallback_eps: float = 1e-8,
-    mu_dtype: Optional[Any] = None,
-    nu_dtype: Optional[Any] = None,
-    axis_name: Optional[str] = None,
-) -> optax.GradientTransformationExtraArgs:
-  utils.check_schedule_or_nonneg("learning_rate", learning_rate)
-  utils.check_range("weight_decay", weight_decay, lower=0.0)
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      scale_by_adafisher(
-          b1=b1, decay=decay, new_weight=new_weight, damping=damping,
-          stats_every=stats_every, fallback=fallback, fallback_b2=fallback_b2,
-          fallback_eps=fallback_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-          axis_name=axis_name,
-      ),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+def _adafisher_chain(decoupled: bool):
+  """Builds the `adafisher` (L2 into the momentum) or `adafisherw` alias."""
+
+  def alias(
+      learning_rate: optax.ScalarOrSchedule = 1e-3,
+      b1: float = 0.9,
+      decay: float = 0.92,
+      new_weight: float = 0.008,
+      damping: float = 1e-3,
+      stats_every: int = 100,
+      weight_decay: float = 0.0,
+      *,
+      fallback: str = "identity",
+      fallback_b2: float = 0.999,
+      fallback_eps: float = 1e-8,
+      mu_dtype: Optional[Any] = None,
+      nu_dtype: Optional[Any] = None,
+      axis_name: Optional[str] = None,
+  ) -> optax.GradientTransformationExtraArgs:
+    utils.check_schedule_or_nonneg("learning_rate", learning_rate)
+    utils.check_range("weight_decay", weight_decay, lower=0.0)
+    decay_weights = optax.add_decayed_weights(weight_decay)
+    precondition = scale_by_adafisher(
+        b1=b1, decay=decay, new_weight=new_weight, damping=damping,
+        stats_every=stats_every, fallback=fallback, fallback_b2=fallback_b2,
+        fallback_eps=fallback_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+        axis_name=axis_name,
+    )
+    # AdaFisherW decays θ after preconditioning; AdaFisher adds wd θ to the
+    # gradient before the momentum.
+    stages = ((precondition, decay_weights) if decoupled
+              else (decay_weights, precondition))
+    return optax.chain(*stages, optax.scale_by_learning_rate(learning_rate))
+
+  return alias
 
 
-def adafisherw(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    decay: float = 0.92,
-    new_weight: float = 0.008,
-    damping: float = 1e-3,
-    stats_every: int = 100,
-    weight_decay: float = 0.0,
-    *,
-    fallback: str = "identity",
-    fallback_b2: float = 0.999,
-    fallback_eps: float = 1e-8,
-    mu_dtype: Optional[Any] = None,
-    nu_dtype: Optional[Any] = None,
-    axis_name: Optional[str] = None,
-) -> optax.GradientTransformationExtraArgs:
-  utils.check_schedule_or_nonneg("learning_rate", learning_rate)
-  utils.check_range("weight_decay", weight_decay, lower=0.0)
-  return optax.chain(
-      scale_by_adafisher(
-          b1=b1, decay=decay, new_weight=new_weight, damping=damping,
-          stats_every=stats_every, fallback=fallback, fallback_b2=fallback_b2,
-          fallback_eps=fallback_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-          axis_name=axis_name,
-      ),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+adafisher = _adafisher_chain(decoupled=False)
+adafisher.__name__ = adafisher.__qualname__ = "adafisher"
+adafisherw = _adafisher_chain(decoupled=True)
+adafisherw.__name__ = adafisherw.__qualname__ = "adafisherw"
 
 
 adafisher.__doc__ = "AdaFisher (weight decay coupled into the momentum).\n" + (
