@@ -144,20 +144,17 @@ def scale_by_soaa(
     mu = optax.tree.update_moment(grads, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
     if use_variance:
-      # g - m̂ written through the previous moment, which is the same number
-      # in exact arithmetic: g - m̂_t = b1 (g (1 - b1^(t-1)) - m_(t-1)) / bc1.
-      # At t = 1 it is then exactly 0 (as the spec's v is), where the direct
-      # form leaves rounding noise that the ratio r divides by its own sum.
-      carry = 1 - b1_ ** (t - 1)
-      centre = b1_ / bc1
+      # In exact arithmetic g - m̂ = 0 at t = 1 (m̂ = g); computed, it is
+      # rounding noise that the ratio r then divides by its own sum, so the
+      # first step is set to the exact value. (Written through the previous
+      # moment instead, XLA would copy that donated buffer every step.)
+      first = count_inc == 1
 
-      def variance(g, m_prev, v):
-        dtype = jnp.promote_types(g.dtype, sdtype)
-        deviation = centre.astype(dtype) * (
-            g.astype(dtype) * carry.astype(dtype) - m_prev.astype(dtype))
+      def variance(g, m, v):
+        deviation = jnp.where(first, 0, g - m / bc1.astype(m.dtype))
         return b2 * v + (1 - b2) * jnp.square(deviation)
 
-      curv = jax.tree.map(variance, grads, state.mu, state.curvature)
+      curv = jax.tree.map(variance, grads, mu, state.curvature)
       curv = optax.tree.cast_like(curv, state.curvature)
     else:
       curv = None
@@ -290,10 +287,9 @@ def soaa(
   * ``v`` is updated as a centred variance (Tadam lineage; the paper
     initialises it but never updates it). ``curvature="second_moment"`` uses
     ``v̂ = ŝ`` instead, as the C++ port *nadir* does, at Adam's memory.
-  * ``g - m̂`` is evaluated as ``b1 (g (1 - b1^(t-1)) - m_(t-1)) / (1 - b1^t)``,
-    the same number in exact arithmetic, so that ``v`` is exactly 0 after
-    the first step (in float32 and bfloat16 too) instead of rounding noise
-    that ``r`` would amplify.
+  * At ``t = 1``, ``g - m̂`` is exactly 0 (as in exact arithmetic, where
+    ``m̂ = g``), so ``v`` is 0 after the first step in float32 and bfloat16
+    too, instead of rounding noise that ``r`` would amplify.
   * ``dt``, ``pr`` and ``loss_avg`` are global scalars (one loss per model).
   * Without ``value``, or with a non-finite one, ``dt``, ``pr`` and
     ``loss_avg`` keep their values (a non-finite loss is counted in
