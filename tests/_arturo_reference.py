@@ -92,6 +92,7 @@ class ReferenceArturo:
       steps += 1
       mid = (lo + hi) / 2
       d = dual(mid)
+      self.kl = d + eps
       if d > 0:
         lo = mid
       else:
@@ -102,7 +103,6 @@ class ReferenceArturo:
     self.eta = (lo + hi) / 2
     self.bisection_steps = steps
     mus = new_mean(self.eta)
-    self.kl = dual(self.eta) + eps
     self.precision = [
         (h + rp + self.nu * lam) / (self.reg_weight + self.nu)
         for h, lam in zip(self.h, self.precision)
