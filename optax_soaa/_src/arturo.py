@@ -203,11 +203,13 @@ def arturo(
     and η just becomes 5η/3 (``bisection_steps`` is then 0).
   * Memory: six state arrays per parameter (b, h, P00, P01, P11, λ), 3x
     Adam's state.
-  * Cost: the filter touches seven arrays and every bisection step is one
-    reduction over all parameters. With the tuned Fashion-MNIST values η
-    settles near 0.3, so after the first step (about 15 bisection steps)
-    the bracket [η/3, 3η] needs a single KL evaluation per step; the filter,
-    not the dual, dominates the step time.
+  * Cost: the filter touches eight arrays (λ included) and every bisection
+    pass is one reduction over all parameters; the first pass's midpoints
+    depend only on the last η, so the filter's pass evaluates their KL too
+    and only the later passes read memory again. With the tuned
+    Fashion-MNIST values η settles near 0.3, so after the first step (about
+    15 bisection steps) the bracket [η/3, 3η] needs a single KL evaluation
+    per step; the filter, not the dual, dominates the step time.
 
   ``update`` needs ``params`` (θ). Extra keyword arguments (``value=``
   included) are accepted and ignored. Diagnostics: ``eta``,
@@ -251,7 +253,8 @@ def arturo(
       each pass evaluates the KL at the 2^L - 1 midpoints the next L
       bisection steps can visit, in one fused reduction, then replays the
       bisection's decisions on those values. Same η bit for bit; fewer
-      passes, more arithmetic per pass. Default 1 (plain bisection): on the
+      passes, more arithmetic per pass (the filter's pass evaluates the
+      first 2^L - 1). Default 1 (plain bisection): on the
       CPU, where the step is compute- not memory-bound, and with the usual
       one bisection step per update, more levels did not pay.
     chunk_size: ``"auto"`` (slices of about 8192 elements on the CPU
