@@ -71,7 +71,7 @@ def scale_by_soaa(
       parameters are *split*; the global sums are then ``psum``-ed over it.
       Leave ``None`` for replicated data parallelism and for sharded ``jit``.
     reduction_chunk_size: how the predicted-reduction sum is evaluated:
-      ``"auto"`` (slices of 65536 elements when tracing for a single CPU
+      ``"auto"`` (slices of 16384 elements when tracing for a single CPU
       device, where XLA would otherwise allocate a parameter-sized temporary
       each step; one fused sum on GPU/TPU and with several devices, where
       slicing sharded leaves would gather them), an int, or ``None`` (always

@@ -107,7 +107,7 @@ def scalar_dtype(tree: Any) -> jnp.dtype:
 # parameters). Summing slice by slice inside a loop keeps the temporaries
 # small and cache-resident. Elsewhere (GPU/TPU) reductions fuse into their
 # producers, and slicing sharded arrays would force gathers.
-CPU_CHUNK_SIZE = 65536
+CPU_CHUNK_SIZE = 16384
 
 
 def check_chunk_size(name: str, chunk_size: Any) -> None:
