@@ -17,7 +17,10 @@ optimizer's refresh period), so this is the worst case of ``stats_every``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import sys
 import platform
 import statistics
 import time
@@ -134,6 +137,12 @@ def main(argv=None):
   result = run(pairs, steps)
   result["device"] = str(jax.devices()[0].device_kind)
   result["machine"] = platform.processor() or platform.machine()
+  result["cpu_cores"] = os.cpu_count()
+  result["jax"] = jax.__version__
+  result["date_utc"] = datetime.datetime.now(
+      datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+  result["command"] = "python -m optax_soaa.benchmarks.adafisher_step " + " ".join(
+      argv if argv is not None else sys.argv[1:])
   print(
       f"Fashion-MNIST CNN train step, batch {BATCH}, {result['device']}: "
       f"adam {result['adam_ms']:.1f} ms, adafisher {result['adafisher_ms']:.1f} ms; "
