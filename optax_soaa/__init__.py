@@ -5,6 +5,8 @@ NamedTuple state. The core imports no Flax; Flax helpers live in
 :mod:`optax_soaa.flax`.
 """
 
+from optax_soaa._src.arturo import arturo
+from optax_soaa._src.arturo import ArturoState
 from optax_soaa._src.soaa import scale_by_soaa
 from optax_soaa._src.soaa import soaa
 from optax_soaa._src.soaa import SOAAState
@@ -12,6 +14,8 @@ from optax_soaa._src.soaa import SOAAState
 __version__ = "0.1.0"
 
 __all__ = (
+    "arturo",
+    "ArturoState",
     "scale_by_soaa",
     "soaa",
     "SOAAState",

@@ -13,6 +13,9 @@ bytes of the optimizer state pytree relative to Adam's.
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import sys
 import json
 import platform
 import statistics
@@ -177,6 +180,9 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
   parser.add_argument("--steps-per-timing", type=int, default=5)
   parser.add_argument("--json", type=str, default=None,
                       help="Also write the results to this JSON file.")
+  parser.add_argument("--markdown", type=str, default=None,
+                      help="Also write a Markdown report (command, machine, "
+                      "date, table) to this file.")
   args = parser.parse_args(argv)
   num_params = args.num_params or (1_000_000 if args.quick else 10_000_000)
   pairs = args.pairs or (5 if args.quick else 15)
@@ -192,6 +198,18 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(header=header, results=results), f, indent=2)
+  if args.markdown:
+    command = "python -m optax_soaa.benchmarks.update_step " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    with open(args.markdown, "w") as f:
+      f.write(
+          "# Update-step benchmark\n\n"
+          f"Produced by `{command.strip()}` on "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"{os.cpu_count()} CPU cores. Do not edit by hand: rerun the "
+          "command.\n\n"
+          f"{header}\n\n{format_table(results)}\n"
+      )
   return results
 
 
