@@ -5,6 +5,11 @@ NamedTuple state. The core imports no Flax; Flax helpers live in
 :mod:`optax_soaa.flax`.
 """
 
+from optax_soaa._src.adafisher import adafisher
+from optax_soaa._src.adafisher import AdaFisherState
+from optax_soaa._src.adafisher import adafisherw
+from optax_soaa._src.adafisher import LayerStats
+from optax_soaa._src.adafisher import scale_by_adafisher
 from optax_soaa._src.arturo import arturo
 from optax_soaa._src.arturo import ArturoState
 from optax_soaa._src.soaa import scale_by_soaa
@@ -14,6 +19,11 @@ from optax_soaa._src.soaa import SOAAState
 __version__ = "0.1.0"
 
 __all__ = (
+    "adafisher",
+    "AdaFisherState",
+    "adafisherw",
+    "LayerStats",
+    "scale_by_adafisher",
     "arturo",
     "ArturoState",
     "scale_by_soaa",

@@ -5,6 +5,12 @@
   forwards ``value=`` and other extra arguments to ``tx.update``.
 """
 
+from optax_soaa.flax._adafisher_stats import nnx_value_grad_and_stats
+from optax_soaa.flax._adafisher_stats import value_grad_and_stats
 from optax_soaa.flax._train_state import TrainState
 
-__all__ = ("TrainState",)
+__all__ = (
+    "nnx_value_grad_and_stats",
+    "TrainState",
+    "value_grad_and_stats",
+)
