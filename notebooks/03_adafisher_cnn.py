@@ -242,8 +242,8 @@ plt.show()
 # layer, the spread of `H S / damping` over its kernel entries (boxes: the
 # middle half; whiskers: the rest, outliers left out); the dashed line is
 # where curvature and damping weigh the same. The printout below gives the
-# numbers for this run; black columns on the left are hidden units whose
-# ReLU never fired on the last batches (`H = 0`).
+# numbers for this run. Hidden units whose
+# ReLU never fired on the last batches (`H = 0`, black on the right).
 
 # %%
 DAMPING = 1e-3  # adafisher's default, used above
