@@ -1,0 +1,178 @@
+"""The optimizers the benchmark compares, and what each train step must give them.
+
+Each entry builds a factory ``f(hyperparameter) -> GradientTransformation`` of
+the one swept hyperparameter (the learning rate, or arTuRO's KL bound), with
+every other hyperparameter fixed per task. The factory goes through
+``optax.inject_hyperparams`` so that the swept value lives in the optimizer
+state and ``jax.vmap`` can train all sweep values in one compiled step.
+
+An optimizer whose API is missing from the installed ``optax_soaa`` (arTuRO and
+AdaFisher land in their own issues) is reported as unavailable, not a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional
+
+import optax
+
+import optax_soaa
+
+# What a train step must pass to `update` besides grads, state and params.
+VALUE = "value"  # the loss at the current params (SOAA's trust region).
+STATS = "stats"  # per-layer statistics from optax_soaa.flax (AdaFisher).
+OBJ_FN = "obj_fn"  # params -> loss on this batch (Sophia's Hutchinson probe).
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """How to build and drive one optimizer in the benchmark."""
+
+  name: str
+  # "adam": swept around the task's Adam-scale learning rate; "sgd": around
+  # the SGD learning rate; "kl": arTuRO's kl_bound.
+  scale: str
+  # (task hyperparameters, total steps) -> factory of the swept value.
+  build: Callable[[Mapping[str, Any], int], Callable[[Any], Any]]
+  extra_args: FrozenSet[str] = frozenset()
+  # State field logged at every evaluation (read with optax.tree.get).
+  diagnostic: Optional[str] = None
+  description: str = ""
+  # None when usable, else why not.
+  available: Callable[[], Optional[str]] = lambda: None
+
+  @property
+  def swept(self) -> str:
+    return "kl_bound" if self.scale == "kl" else "learning_rate"
+
+
+def _needs(attr: str, module: Any = optax_soaa, label: str = "optax_soaa"):
+  def check() -> Optional[str]:
+    if not hasattr(module, attr):
+      return f"{label}.{attr} is missing from this installation"
+    return None
+
+  return check
+
+
+def _adafisher_available() -> Optional[str]:
+  reason = _needs("adafisher")()
+  if reason:
+    return reason
+  try:
+    import optax_soaa.flax as oflax  # pylint: disable=g-import-not-at-top
+  except ImportError as e:  # pragma: no cover - Flax is a dependency.
+    return f"optax_soaa.flax cannot be imported: {e}"
+  return _needs("value_grad_and_stats", oflax, "optax_soaa.flax")()
+
+
+def _soaa(curvature: str):
+  def build(hp, total_steps):
+    return lambda learning_rate: optax_soaa.soaa(
+        learning_rate, total_steps=total_steps, curvature=curvature,
+        **hp.get("soaa", {}))
+  return build
+
+
+def _adam(hp, total_steps):
+  del total_steps
+  return lambda learning_rate: optax.adam(learning_rate, **hp.get("adam", {}))
+
+
+def _adamw(hp, total_steps):
+  del total_steps
+  return lambda learning_rate: optax.adamw(learning_rate, **hp.get("adamw", {}))
+
+
+def _sgd(hp, total_steps):
+  """SGD with heavy-ball momentum and coupled (L2) weight decay, as torch's."""
+  del total_steps
+  kw = dict(hp.get("sgd", {}))
+  weight_decay = kw.pop("weight_decay", 0.0)
+
+  def make(learning_rate):
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(learning_rate, **kw),
+    )
+
+  return make
+
+
+def _sophia(hp, total_steps):
+  del total_steps
+  return lambda learning_rate: optax.contrib.sophia(
+      learning_rate, **hp.get("sophia", {}))
+
+
+def _arturo(hp, total_steps):
+  del total_steps
+  return lambda kl_bound: optax_soaa.arturo(kl_bound, **hp.get("arturo", {}))
+
+
+def _adafisher(name: str):
+  def build(hp, total_steps):
+    del total_steps
+    return lambda learning_rate: getattr(optax_soaa, name)(
+        learning_rate, **hp.get(name, {}))
+  return build
+
+
+REGISTRY: Dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        OptimizerSpec(
+            "adam", "adam", _adam, description="optax.adam (reference)"),
+        OptimizerSpec(
+            "soaa-variance", "adam", _soaa("variance"), frozenset({VALUE}),
+            "dt", "optax_soaa.soaa(curvature='variance'), value=loss"),
+        OptimizerSpec(
+            "soaa-second_moment", "adam", _soaa("second_moment"),
+            frozenset({VALUE}), "dt",
+            "optax_soaa.soaa(curvature='second_moment'), value=loss"),
+        OptimizerSpec(
+            "arturo", "kl", _arturo, diagnostic="eta",
+            description="optax_soaa.arturo; swept: kl_bound",
+            available=_needs("arturo")),
+        OptimizerSpec(
+            "adafisher", "adam", _adafisher("adafisher"), frozenset({STATS}),
+            description="optax_soaa.adafisher, stats from optax_soaa.flax",
+            available=_adafisher_available),
+        OptimizerSpec(
+            "adafisherw", "adam", _adafisher("adafisherw"), frozenset({STATS}),
+            description="optax_soaa.adafisherw, stats from optax_soaa.flax",
+            available=_adafisher_available),
+        OptimizerSpec(
+            "adamw", "adam", _adamw, description="optax.adamw"),
+        OptimizerSpec(
+            "sgd", "sgd", _sgd,
+            description="optax.sgd with momentum (+ L2 weight decay)"),
+        OptimizerSpec(
+            "sophia", "adam", _sophia, frozenset({OBJ_FN}),
+            description="optax.contrib.sophia (Hutchinson), obj_fn=batch loss"),
+    )
+}
+
+DEFAULT_OPTIMIZERS = tuple(REGISTRY)
+
+
+def make_injected(spec: OptimizerSpec, hp: Mapping[str, Any], total_steps: int):
+  """(injected transformation, plain factory) for `spec` on a task.
+
+  The injected one keeps the swept value in `state.hyperparams[spec.swept]`,
+  which the trainer sets every step (base value x schedule multiplier).
+  """
+  factory = spec.build(hp, total_steps)
+
+  # inject_hyperparams reads the factory's signature: give it one argument
+  # named after the swept hyperparameter.
+  if spec.swept == "kl_bound":
+    def inner(kl_bound):
+      return factory(kl_bound)
+  else:
+    def inner(learning_rate):
+      return factory(learning_rate)
+
+  injected = optax.inject_hyperparams(inner)(**{spec.swept: 1.0})
+  return injected, factory

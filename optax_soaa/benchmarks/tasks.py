@@ -1,0 +1,344 @@
+"""Benchmark tasks: data, model, loss, evaluation sets and fixed hyperparameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_soaa.benchmarks import data as data_lib
+from optax_soaa.benchmarks import models
+
+TASKS = ("digits-mlp", "fmnist-cnn", "lm")
+
+# Tuned Fashion-MNIST CNN hyperparameters of the arTuRO authors' repository
+# (ALRhub/arturo, experiments/hyperparameter_configs/<optimizer>/fmnist_cnn.yml).
+ARTURO_FMNIST = dict(
+    kl_bound=0.08567456308209788,
+    reg_weight=0.05865661620286048,
+    prior_prec=0.0015,
+    dynamic_model_noise=0.017392958232048346,
+    measurement_noise=2.8167911612651997,
+    start_filter_cov=0.00005,
+    var_init=0.01,
+    eta_tol=0.5,
+    nu=1.3,
+    weight_decay=0.0000015403963328610538,
+)
+ADAM_FMNIST = dict(lr=0.0010124381281468571, b1=0.9452561249176903,
+                   b2=0.9903417453021011)
+ADAMW_FMNIST = dict(lr=0.0010042022959335032, b1=0.9222472693342788,
+                    b2=0.9999446218805058, weight_decay=0.00014236954411167154)
+SGD_FMNIST = dict(lr=0.07104941466307176, momentum=0.8657299202128064,
+                  weight_decay=0.0002247076258274683)
+# Step-schedule factors of the same configs (multi_step_lr_gamma).
+GAMMA_BASELINE, GAMMA_ARTURO = 0.1, 0.006
+
+
+def _arturo_fixed():
+  return {k: v for k, v in ARTURO_FMNIST.items() if k != "kl_bound"}
+
+
+@dataclasses.dataclass
+class Task:
+  """Everything the trainer needs to know about one benchmark task."""
+
+  name: str
+  kind: str  # "classify" or "lm"
+  model: nn.Module
+  example_input: np.ndarray
+  train_x: np.ndarray  # classify: inputs; lm: the uint8 training stream.
+  train_y: Optional[np.ndarray]
+  # Fixed evaluation sets (inputs, targets), numpy.
+  eval_sets: Dict[str, Tuple[np.ndarray, np.ndarray]]
+  batch_size: int
+  num_steps: int
+  eval_every: int
+  # Swept value = center[spec.scale] x factor, the same factors for all.
+  centers: Dict[str, float]
+  factors: Tuple[float, ...]
+  # Fixed hyperparameters per optimizer name (keyword arguments).
+  hp: Dict[str, Dict[str, Any]]
+  milestones: Tuple[int, ...] = ()  # steps where the step schedule drops.
+  gammas: Dict[str, float] = dataclasses.field(
+      default_factory=lambda: {"kl": GAMMA_ARTURO, "default": GAMMA_BASELINE})
+  select_by: str = "test_loss"  # final metric that picks the best sweep value
+  seq_len: int = 0  # lm only
+  steps_per_epoch: int = 0
+  notes: Tuple[str, ...] = ()
+  eval_chunk: int = 512
+
+  # -- model and loss -------------------------------------------------------
+
+  def init_params(self, key):
+    return self.model.init(key, jnp.asarray(self.example_input))["params"]
+
+  def _logits(self, params, x, train, rng=None):
+    rngs = {"dropout": rng} if rng is not None else {}
+    return self.model.apply({"params": params}, x, train=train, rngs=rngs)
+
+  def loss_fn(self, params, batch, rng):
+    """Mean training cross-entropy of one batch (dropout on)."""
+    x, y = batch
+    logits = self._logits(params, x, True, rng)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def example_metrics(self, params, x, y):
+    """Per-example (summed loss, correct count), evaluation mode."""
+    logits = self._logits(params, x, False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    if self.kind == "lm":
+      return losses.sum(-1), correct.sum(-1)
+    return losses, correct
+
+  @property
+  def tokens_per_example(self) -> int:
+    return self.seq_len if self.kind == "lm" else 1
+
+  # -- batches --------------------------------------------------------------
+
+  def device_data(self):
+    """Training data as device arrays, passed to the jitted train chunk."""
+    if self.kind == "lm":
+      return (jnp.asarray(self.train_x.astype(np.int32)),)
+    return (jnp.asarray(self.train_x), jnp.asarray(self.train_y))
+
+  def get_batch(self, data, idx):
+    """Gathers one batch inside jit from int32 indices `idx` of shape (B,)."""
+    if self.kind == "lm":
+      (tokens,) = data
+      pos = idx[:, None] + jnp.arange(self.seq_len)[None, :]
+      return tokens[pos], tokens[pos + 1]
+    x, y = data
+    return x[idx], y[idx]
+
+  def sampler(self, seed: int) -> "BatchSampler":
+    if self.kind == "lm":
+      return BatchSampler(self.train_x.size - self.seq_len - 1,
+                          self.batch_size, seed, random_offsets=True)
+    return BatchSampler(self.train_x.shape[0], self.batch_size, seed)
+
+  def schedule_multiplier(self, scale: str) -> Callable[[Any], Any]:
+    """Step -> factor of the swept value (piecewise constant at milestones)."""
+    gamma = self.gammas.get(scale, self.gammas["default"])
+    milestones = jnp.asarray(self.milestones or (), jnp.int32)
+
+    def multiplier(step):
+      if not self.milestones:
+        return jnp.ones([], jnp.float32)
+      drops = jnp.sum(step >= milestones)
+      return jnp.asarray(gamma, jnp.float32) ** drops
+
+    return multiplier
+
+  def describe(self) -> Dict[str, Any]:
+    return dict(
+        name=self.name, kind=self.kind, model=repr(self.model),
+        batch_size=self.batch_size, num_steps=self.num_steps,
+        eval_every=self.eval_every, centers=self.centers,
+        factors=list(self.factors), hp=self.hp, milestones=list(self.milestones),
+        gammas=self.gammas, select_by=self.select_by, seq_len=self.seq_len,
+        steps_per_epoch=self.steps_per_epoch,
+        train_size=int(self.train_x.shape[0]),
+        eval_sizes={k: int(v[0].shape[0]) for k, v in self.eval_sets.items()},
+        notes=list(self.notes),
+    )
+
+
+class BatchSampler:
+  """Host-side batch indices: epochs of shuffled examples (drop-last), or
+  random window offsets for the LM. The same seed gives every optimizer the
+  same batches."""
+
+  def __init__(self, n: int, batch_size: int, seed: int,
+               random_offsets: bool = False):
+    if n < batch_size and not random_offsets:
+      raise ValueError(f"batch size {batch_size} exceeds the {n} examples")
+    self._n, self._b = n, batch_size
+    self._rng = np.random.default_rng(seed)
+    self._random = random_offsets
+    self._perm = np.zeros(0, np.int64)
+
+  def take(self, num_steps: int) -> np.ndarray:
+    if self._random:
+      return self._rng.integers(0, self._n, (num_steps, self._b)).astype(
+          np.int32)
+    out = []
+    for _ in range(num_steps):
+      if self._perm.size < self._b:
+        self._perm = self._rng.permutation(self._n)
+      out.append(self._perm[: self._b])
+      self._perm = self._perm[self._b :]
+    return np.stack(out).astype(np.int32)
+
+
+def _round_up(n: int, k: int) -> int:
+  return max(k, int(math.ceil(n / k)) * k)
+
+
+DEFAULT_FACTORS = (0.1, 10**-0.5, 1.0, 10**0.5, 10.0)
+QUICK_FACTORS = (0.1, 10**-0.5, 1.0, 10**0.5)
+
+
+def _common_hp(adam: Mapping[str, Any], adamw: Mapping[str, Any],
+               sgd: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+  return {
+      "adam": dict(adam),
+      "adamw": dict(adamw),
+      "sgd": dict(sgd),
+      "soaa": {},
+      "sophia": {},
+      # The train step collects AdaFisher's statistics on every step anyway
+      # (the Flax helper has no skip), so refreshing them every step costs
+      # nothing extra; the default (100) would refresh them only a handful of
+      # times in these short runs.
+      "adafisher": {"stats_every": 1},
+      # AdaFisherW pairs with AdamW: the same decoupled weight decay.
+      "adafisherw": {"stats_every": 1,
+                     "weight_decay": adamw.get("weight_decay", 1e-4)},
+      "arturo": _arturo_fixed(),
+  }
+
+
+def digits_mlp(quick: bool = False, steps: Optional[int] = None,
+               factors: Optional[Sequence[float]] = None, **_) -> Task:
+  split = data_lib.load_digits_split()
+  batch = 128
+  num_steps = steps or (300 if quick else 1000)
+  eval_every = 25 if num_steps >= 100 else max(1, num_steps // 4)
+  num_steps = _round_up(num_steps, eval_every)
+  return Task(
+      name="digits-mlp", kind="classify", model=models.MLP(),
+      example_input=split.x_train[:1],
+      train_x=split.x_train, train_y=split.y_train,
+      eval_sets={"train": (split.x_train, split.y_train),
+                 "test": (split.x_test, split.y_test)},
+      batch_size=batch, num_steps=num_steps, eval_every=eval_every,
+      centers={"adam": 1e-3, "sgd": 0.1, "kl": ARTURO_FMNIST["kl_bound"]},
+      factors=tuple(factors or (QUICK_FACTORS if quick else DEFAULT_FACTORS)),
+      hp=_common_hp({}, {}, {"momentum": 0.9}),
+      steps_per_epoch=split.x_train.shape[0] // batch,
+      notes=("MLP 64-128-128-10 (ReLU) on sklearn load_digits, stratified"
+             " 80/20 split (random_state=0), batch 128, constant step size;"
+             " optimizer defaults except the swept value; arTuRO uses the"
+             " Fashion-MNIST tuned configuration (the only tuned one).",),
+  )
+
+
+def fmnist_cnn(quick: bool = False, steps: Optional[int] = None,
+               factors: Optional[Sequence[float]] = None,
+               data_dir: Optional[str] = None, **_) -> Task:
+  split = data_lib.load_fashion_mnist(data_dir)
+  batch = 255
+  rng = np.random.default_rng(1234)
+  if quick:
+    # Scaled-down protocol that fits minutes on a 2-core CPU (about 5
+    # GFLOP per training step at batch 255): 8 batches per epoch (2,040
+    # training images), 2 epochs, milestones at the same fractions (1/2,
+    # 3/4) of training.
+    train_idx = rng.permutation(split.x_train.shape[0])[: 8 * batch]
+    epochs, eval_train, eval_test = 2, 250, 500
+  else:
+    train_idx = np.arange(split.x_train.shape[0])
+    epochs, eval_train, eval_test = 120, 10_000, split.x_test.shape[0]
+  x_train, y_train = split.x_train[train_idx], split.y_train[train_idx]
+  steps_per_epoch = x_train.shape[0] // batch
+  num_steps = steps or epochs * steps_per_epoch
+  eval_every = min(steps_per_epoch, max(1, num_steps // 4))
+  num_steps = _round_up(num_steps, eval_every)
+  milestones = (int(round(num_steps * 60 / 120)), int(round(num_steps * 90 / 120)))
+  train_eval_idx = rng.permutation(x_train.shape[0])[:eval_train]
+  test_idx = rng.permutation(split.x_test.shape[0])[:eval_test]
+  return Task(
+      name="fmnist-cnn", kind="classify", model=models.FashionCNN(),
+      example_input=split.x_train[:1],
+      train_x=x_train, train_y=y_train,
+      eval_sets={"train": (x_train[train_eval_idx], y_train[train_eval_idx]),
+                 "test": (split.x_test[test_idx], split.y_test[test_idx])},
+      batch_size=batch, num_steps=num_steps, eval_every=eval_every,
+      centers={"adam": ADAM_FMNIST["lr"], "sgd": SGD_FMNIST["lr"],
+               "kl": ARTURO_FMNIST["kl_bound"]},
+      factors=tuple(factors or QUICK_FACTORS),
+      hp=_common_hp(
+          {"b1": ADAM_FMNIST["b1"], "b2": ADAM_FMNIST["b2"]},
+          {k: v for k, v in ADAMW_FMNIST.items() if k != "lr"},
+          {k: v for k, v in SGD_FMNIST.items() if k != "lr"}),
+      milestones=milestones, select_by="test_accuracy",
+      steps_per_epoch=steps_per_epoch,
+      notes=(
+          "arTuRO paper protocol (ALRhub/arturo): CNN 3x(3x3 conv 32/64/128,"
+          " ReLU, VALID), max-pool after the first two, dropout 0.2 after each"
+          " conv block, Dense 256 + dropout 0.5, Dense 10; pixels / 255;"
+          " batch 255 (last partial batch of an epoch dropped); step schedule"
+          " at 1/2 and 3/4 of training (epochs 60 and 90 of 120): x0.1 for"
+          " every learning rate, x0.006 for arTuRO's kl_bound.",
+          "Tuned hyperparameters of the authors' repository for Adam, AdamW,"
+          " SGD-momentum and arTuRO; the others use their defaults with"
+          " Adam's tuned learning rate as the sweep centre.",
+          ("--quick (a smoke-scale run, not the paper's protocol): 2,040"
+           " training images (8 batches/epoch), 2 epochs, evaluation on 250"
+           " train and 500 test images."
+           if quick else "Train metrics on a fixed 10,000-image subset of"
+           " the training set; test metrics on all 10,000 test images."),
+      ),
+  )
+
+
+def lm(quick: bool = False, steps: Optional[int] = None,
+       factors: Optional[Sequence[float]] = None,
+       text_file: Optional[str] = None, **_) -> Task:
+  if quick:
+    width, layers, heads, seq_len, batch = 64, 2, 4, 64, 16
+    max_bytes, default_steps, n_eval = 1_000_000, 200, 32
+  else:
+    width, layers, heads, seq_len, batch = 128, 2, 4, 128, 32
+    max_bytes, default_steps, n_eval = 4_000_000, 1000, 128
+  tokens = data_lib.lm_byte_splits(text_file, max_bytes=max_bytes)
+  num_steps = steps or default_steps
+  eval_every = 25 if num_steps >= 100 else max(1, num_steps // 4)
+  num_steps = _round_up(num_steps, eval_every)
+
+  def windows(stream, n):
+    starts = np.linspace(0, stream.size - seq_len - 2, n).astype(np.int64)
+    pos = starts[:, None] + np.arange(seq_len)[None, :]
+    return stream[pos].astype(np.int32), stream[pos + 1].astype(np.int32)
+
+  model = models.TransformerLM(width=width, num_layers=layers,
+                               num_heads=heads, max_len=seq_len)
+  source = text_file or "Python standard library .py sources"
+  return Task(
+      name="lm", kind="lm", model=model,
+      example_input=np.zeros((1, seq_len), np.int32),
+      train_x=tokens["train"], train_y=None,
+      eval_sets={"train": windows(tokens["train"], n_eval),
+                 "test": windows(tokens["val"], n_eval)},
+      batch_size=batch, num_steps=num_steps, eval_every=eval_every,
+      centers={"adam": 3e-3, "sgd": 0.3, "kl": ARTURO_FMNIST["kl_bound"]},
+      factors=tuple(factors or QUICK_FACTORS),
+      hp=_common_hp({}, {}, {"momentum": 0.9}),
+      seq_len=seq_len, eval_chunk=32,
+      notes=(
+          f"Byte-level decoder-only transformer (width {width}, {layers}"
+          f" pre-LayerNorm blocks, {heads} heads, context {seq_len}) on"
+          f" {source}; {tokens['train'].size:,} training bytes, held-out"
+          f" {tokens['val'].size:,} bytes (every 10th file). Batch {batch}"
+          " random windows, constant step size. 'test' = held-out split;"
+          " loss reported in bits per byte.",),
+  )
+
+
+BUILDERS: Dict[str, Callable[..., Task]] = {
+    "digits-mlp": digits_mlp, "fmnist-cnn": fmnist_cnn, "lm": lm}
+
+
+def make_task(name: str, **kwargs) -> Task:
+  if name not in BUILDERS:
+    raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
+  return BUILDERS[name](**kwargs)

@@ -1,0 +1,212 @@
+"""End-to-end test of the benchmark tool on its smallest preset, and its parts."""
+
+import dataclasses
+import json
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_soaa import bench
+from optax_soaa.benchmarks import optimizers as opt_lib
+from optax_soaa.benchmarks import report
+from optax_soaa.benchmarks import runner as runner_lib
+from optax_soaa.benchmarks import tasks as tasks_lib
+
+STEPS, FACTORS = 8, (0.5, 2.0)
+ARGS = ["--steps", str(STEPS), "--optimizers", "soaa-variance",
+        "--lrs", ",".join(map(str, FACTORS)), "--timing-pairs", "2",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  import contextlib
+  import io
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    assert bench.main(ARGS + ["--out", str(out)]) == 0
+  return out, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def results(run_dir):
+  return json.loads((run_dir[0] / "results.json").read_text())
+
+
+def test_results_json_environment_and_task(results):
+  env = results["environment"]
+  assert env["device"] == "CPU" or env["device"].startswith("GPU")
+  assert env["jax"] == jax.__version__
+  assert "--steps 8" in env["command"] and env["command"].startswith(
+      "python -m optax_soaa.bench")
+  assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", env["date"])
+  task = results["task"]
+  assert task["name"] == "digits-mlp" and task["num_steps"] == STEPS
+  assert task["factors"] == list(FACTORS)
+  # Adam is added as the reference even when not asked for.
+  assert list(results["optimizers"]) == ["adam", "soaa-variance"]
+
+
+@pytest.mark.parametrize("name", ["adam", "soaa-variance"])
+def test_results_json_curves(results, name):
+  r = results["optimizers"][name]
+  assert r["status"] == "ok"
+  center = results["task"]["centers"]["adam"]
+  np.testing.assert_allclose(r["values"], [center * f for f in FACTORS],
+                             rtol=1e-6)
+  (curves,) = r["curves"]
+  every = results["task"]["eval_every"]
+  assert curves["step"] == list(range(0, STEPS + 1, every))
+  for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
+    arr = np.asarray(curves[key], np.float64)
+    assert arr.shape == (len(curves["step"]), len(FACTORS))
+    assert np.isfinite(arr).all()
+  # Same initial params for every sweep value; training lowers the loss.
+  test = np.asarray(curves["test_loss"])
+  np.testing.assert_allclose(test[0, 0], test[0, 1], rtol=1e-6)
+  assert (test[-1] < test[0]).all()
+  assert 0 <= r["best_index"] < len(FACTORS)
+  assert r["best_value"] == r["values"][r["best_index"]]
+  assert r["final"]["test_loss"] == pytest.approx(
+      test[-1, r["best_index"]], rel=1e-9)
+  assert r["step_time_s"] > 0 and r["step_time_ratio"] > 0
+
+
+def test_results_json_measures_relative_to_adam(results):
+  adam = results["optimizers"]["adam"]
+  soaa = results["optimizers"]["soaa-variance"]
+  assert results["target_test_loss"] == pytest.approx(
+      adam["final"]["test_loss"])
+  assert adam["steps_to_target"] is not None
+  assert adam["steps_to_target"] <= STEPS
+  assert adam["state_bytes_ratio"] == 1.0
+  # SOAA (variance) keeps three moments against Adam's two (+ scalars).
+  assert soaa["state_bytes_ratio"] == pytest.approx(1.5, abs=1e-3)
+  for r in (adam, soaa):
+    if r["steps_to_target"] is not None:
+      assert r["seconds_to_target"] == pytest.approx(
+          r["steps_to_target"] * r["step_time_s"])
+
+
+def test_soaa_dt_logged_within_its_bounds(results):
+  (curves,) = results["optimizers"]["soaa-variance"]["curves"]
+  dt = np.asarray(curves["diagnostic"], np.float64)
+  assert dt.shape == (len(curves["step"]), len(FACTORS))
+  assert (dt[0] == 1.0).all()
+  assert ((dt >= 0.9 - 1e-6) & (dt <= 2.0 + 1e-6)).all()
+  assert results["optimizers"]["adam"]["curves"][0]["diagnostic"][0] is None
+
+
+def test_markdown_table_written_and_printed(run_dir, results):
+  out, stdout = run_dir
+  md = (out / "results.md").read_text()
+  assert md in stdout
+  assert "| optimizer | swept | best value |" in md
+  for name, r in results["optimizers"].items():
+    row = next(l for l in md.splitlines() if l.startswith(f"| {name} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == f"{r['final']['test_loss']:.4f}"
+    assert cells[-1] == f"{r['state_bytes_ratio']:.2f}"
+  assert results["environment"]["command"] in md
+
+
+@pytest.mark.parametrize("name", report.PLOT_FILES)
+def test_plots_are_real_images(run_dir, name):
+  import matplotlib.image
+  img = matplotlib.image.imread(run_dir[0] / name)
+  assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+  assert img[..., :3].std() > 0.01  # something was drawn
+
+
+def test_benchmarks_md_from_results(run_dir, tmp_path, capsys):
+  path = tmp_path / "BENCHMARKS.md"
+  assert bench.main(["--from-results", str(run_dir[0] / "results.json"),
+                     "--write-benchmarks-md", str(path)]) == 0
+  text = path.read_text()
+  assert text.startswith("# Benchmarks") and "## Protocol" in text
+  assert "inject_hyperparams" in text and "jax.vmap" in text
+  assert "### digits-mlp" in text and "| soaa-variance | lr |" in text
+  assert "device: CPU" in text
+  assert "| soaa-variance | lr |" in capsys.readouterr().out
+
+
+def test_unavailable_optimizer_is_reported_not_raised():
+  task = tasks_lib.make_task("digits-mlp", steps=4, factors=FACTORS)
+  runner = runner_lib.TaskRunner(task, progress=False)
+  spec = dataclasses.replace(opt_lib.REGISTRY["sgd"],
+                             available=lambda: "not installed")
+  r = runner.run(spec)
+  assert r["status"] == "unavailable" and r["reason"] == "not installed"
+  payload = dict(task=task.describe(), seeds=[0], optimizers={"sgd": r},
+                 target_test_loss=None)
+  table = report.results_table(payload)
+  assert "| sgd | learning_rate | unavailable |" in table
+  assert "`sgd`: unavailable: not installed" in table
+
+
+def test_registry_covers_the_issue():
+  assert {"soaa-variance", "soaa-second_moment", "arturo", "adafisher",
+          "adafisherw", "adam", "adamw", "sgd", "sophia"} <= set(
+              opt_lib.REGISTRY)
+  assert opt_lib.REGISTRY["arturo"].swept == "kl_bound"
+  assert opt_lib.REGISTRY["sophia"].extra_args == {opt_lib.OBJ_FN}
+  assert opt_lib.REGISTRY["adafisher"].extra_args == {opt_lib.STATS}
+  for name in ("soaa-variance", "soaa-second_moment"):
+    assert opt_lib.REGISTRY[name].extra_args == {opt_lib.VALUE}
+
+
+def test_grad_fn_passes_each_optimizers_extra_args():
+  task = tasks_lib.make_task("digits-mlp", steps=4)
+  params = task.init_params(jax.random.key(0))
+  batch = (jnp.asarray(task.train_x[:16]), jnp.asarray(task.train_y[:16]))
+  rng = jax.random.key(1)
+
+  def probe(name):
+    grad_fn = runner_lib.make_grad_fn(opt_lib.REGISTRY[name], task.loss_fn)
+
+    @jax.jit
+    def f(params):
+      loss, _, extra = grad_fn(params, batch, rng)
+      # Callables cannot leave jit: evaluate them here.
+      return loss, {k: v(params) if callable(v) else v
+                    for k, v in extra.items()}
+
+    return f(params)
+
+  loss, extra = probe("soaa-variance")
+  assert set(extra) == {"value"} and extra["value"] == loss
+  loss, extra = probe("sophia")
+  assert set(extra) == {"obj_fn"}
+  assert float(extra["obj_fn"]) == pytest.approx(float(loss), rel=1e-6)
+  assert probe("adam")[1] == {}
+
+
+@pytest.mark.parametrize("scale,gamma", [("adam", 0.1), ("sgd", 0.1),
+                                         ("kl", 0.006)])
+def test_step_schedule_multiplier(scale, gamma):
+  task = tasks_lib.make_task("digits-mlp", steps=4)
+  task.milestones = (5, 8)
+  mult = task.schedule_multiplier(scale)
+  got = [float(mult(jnp.asarray(s))) for s in (0, 4, 5, 7, 8, 100)]
+  np.testing.assert_allclose(got, [1, 1, gamma, gamma, gamma**2, gamma**2],
+                             rtol=1e-6)
+
+
+def test_lm_task_batches_are_shifted_windows(tmp_path):
+  path = tmp_path / "text.py"
+  path.write_bytes(bytes(range(32, 127)) * 40)
+  task = tasks_lib.make_task("lm", quick=True, steps=4, text_file=str(path))
+  assert task.kind == "lm" and task.eval_sets["test"][0].shape[1] == 64
+  idx = jnp.asarray(task.sampler(0).take(1)[0])
+  x, y = task.get_batch(task.device_data(), idx)
+  assert x.shape == y.shape == (task.batch_size, task.seq_len)
+  np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+  params = jax.jit(task.init_params)(jax.random.key(0))
+  loss = float(jax.jit(task.loss_fn)(params, (x, y), jax.random.key(1)))
+  # An untrained byte model is near uniform over 256 values.
+  assert abs(loss - math.log(256)) < 1.0
