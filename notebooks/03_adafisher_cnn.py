@@ -34,7 +34,8 @@
 # from a checkout with the repository on `PYTHONPATH`). Otherwise it installs
 # from the repository checkout around this notebook if there is one, and else
 # from the git URL in `OPTAX_SOAA_GIT_URL`: **edit that placeholder to point
-# at your copy of the repository** before running it on Colab.
+# at your copy of the repository** before running it on Colab. If pip
+# upgrades jax or flax there, restart the runtime once and run on.
 
 # %%
 import importlib.util
@@ -59,7 +60,7 @@ if importlib.util.find_spec("optax_soaa") is None:
 # %% [markdown]
 # One variable sets the length of every training run below. CI sets
 # `OPTAX_SOAA_NOTEBOOK_STEPS` to a few steps to check that the notebook runs;
-# the default takes a minute or two on a laptop CPU.
+# the default takes a minute or two on a 2-core CPU.
 
 # %%
 NUM_STEPS = int(os.environ.get("OPTAX_SOAA_NOTEBOOK_STEPS", 400))

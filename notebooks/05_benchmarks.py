@@ -34,7 +34,8 @@
 # from a checkout with the repository on `PYTHONPATH`). Otherwise it installs
 # from the repository checkout around this notebook if there is one, and else
 # from the git URL in `OPTAX_SOAA_GIT_URL`: **edit that placeholder to point
-# at your copy of the repository** before running it on Colab.
+# at your copy of the repository** before running it on Colab. If pip
+# upgrades jax or flax there, restart the runtime once and run on.
 
 # %%
 import importlib.util
