@@ -92,3 +92,42 @@ def test_notebook_runs(name, tmp_path):
   assert not [o for o in outputs if o.output_type == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   assert images, "every notebook draws at least one plot"
+
+
+def test_install_cells_are_identical():
+  cells = {_code_cells(_read(n, "ipynb"))[0].source for n in NAMES}
+  assert len(cells) == 1
+
+
+_FAKE_PIP = '''
+import importlib.util
+_real_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **k: (
+    None if name == "optax_soaa" else _real_find_spec(name, *a, **k))
+from IPython.core.magic import register_line_magic
+
+@register_line_magic
+def pip(line):
+  print("PIP:", line)
+'''
+
+
+def test_install_cell_picks_the_checkout_then_the_git_url(tmp_path):
+  """The install branch, with optax_soaa hidden and %pip replaced by a fake."""
+  install = _code_cells(_read(NAMES[0], "ipynb"))[0].source
+  nbformat = pytest.importorskip("nbformat")
+  nb = nbformat.v4.new_notebook()
+  nb.cells = [nbformat.v4.new_code_cell(src) for src in (
+      _FAKE_PIP,
+      f"import os; os.chdir({str(NOTEBOOK_DIR)!r})", install,
+      f"os.chdir({str(tmp_path)!r})", install)]
+  env = dict(os.environ, OPTAX_SOAA_GIT_URL="git+https://example.org/x.git")
+  nbclient.NotebookClient(nb, kernel_name="python3", timeout=60).execute(
+      cwd=str(tmp_path), env=env)
+
+  def printed(cell):
+    return "".join(o.get("text", "") for o in cell.outputs)
+
+  assert f'PIP: install -q -e "{ROOT}[examples]"' in printed(nb.cells[2])
+  assert ('PIP: install -q "optax-soaa[examples] @ '
+          'git+https://example.org/x.git"') in printed(nb.cells[4])
