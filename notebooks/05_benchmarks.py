@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # Benchmark results: SOAA, arTuRO and AdaFisher against tuned baselines
+# # Benchmark results: SOAA, arTuRO and AdaFisher next to Adam and other baselines
 #
 # The package ships a benchmark tool, `python -m optax_soaa.bench`. It trains
 # every optimizer on a task over the same sweep of its step size (learning
