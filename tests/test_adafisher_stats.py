@@ -336,6 +336,11 @@ _DISTRIBUTED = textwrap.dedent("""
     _, _, mapped = jax.pmap(value_grad_and_stats(loss_fn, axis_name="d"),
                             axis_name="d", in_axes=(None, 0, 0))(
         params, x.reshape(8, 2, 6, 6, 2), y.reshape(8, 2, 2))
+    # Sharded jit: the batch split over the 8 devices, no axis name needed.
+    mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    _, _, sharded = jax.jit(value_grad_and_stats(loss_fn))(
+        params, jax.device_put(x, shard), jax.device_put(y, shard))
     n = 0
     for name in ("Conv_0", "Dense_0"):
       for part in ("kernel", "bias"):
@@ -344,12 +349,15 @@ _DISTRIBUTED = textwrap.dedent("""
           want = np.asarray(getattr(full[name][part], field))
           for d in range(8):
             np.testing.assert_allclose(got[d], want, rtol=1e-5, atol=0)
+          np.testing.assert_allclose(
+              np.asarray(getattr(sharded[name][part], field)), want, rtol=1e-5)
           n += 1
     print("checked", n)
 """)
 
 
-def test_stats_averaged_over_8_devices_equal_full_batch():
+def test_stats_over_8_devices_equal_full_batch():
+  """pmap with axis_name (pmean, s rescaled) and sharded jit both equal one device."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   env["JAX_PLATFORMS"] = "cpu"

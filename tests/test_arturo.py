@@ -52,10 +52,10 @@ def _loss(params, scale=1.0):
   )
 
 
-def _run_against_reference(hp, steps, *, loss_scale=1.0, levels_per_pass=1):
+def _run_against_reference(hp, steps, *, loss_scale=1.0, **options):
   """Runs both implementations side by side; returns the reference object."""
   params = _params(jnp.float64)
-  opt = optax_soaa.arturo(**hp, levels_per_pass=levels_per_pass)
+  opt = optax_soaa.arturo(**hp, **options)
   state = opt.init(params)
   ref = ReferenceArturo(**hp)
   ref.init([np.asarray(x) for x in jax.tree.leaves(params)])
@@ -91,10 +91,13 @@ def test_matches_float64_reference_fmnist_hyperparameters():
 
 
 @pytest.mark.usefixtures("x64")
-def test_matches_reference_with_schedule_weight_decay_and_k_section():
+def test_matches_reference_with_schedule_weight_decay_k_section_chunks():
+  # chunk_size=3 runs the filter and the KL sums slice by slice, as large
+  # leaves run on CPU: the 12-element leaves in slices of 4, the 5-element
+  # leaf in a slice of 3 and a last slice of 2.
   schedule = optax.piecewise_constant_schedule(0.08, {10: 0.5, 25: 0.2})
   hp = dict(FMNIST, kl_bound=schedule, weight_decay=1e-2)
-  ref = _run_against_reference(hp, 40, levels_per_pass=3)
+  ref = _run_against_reference(hp, 40, levels_per_pass=3, chunk_size=3)
   assert ref.count == 40
 
 
@@ -239,8 +242,8 @@ def test_k_section_gives_the_bisection_eta_bit_for_bit():
   # reference test runs the k-section too.)
   hp = dict(FMNIST, kl_bound=0.3, eta_tol=1e-4)
   params = _small_params()
-  plain = optax_soaa.arturo(**hp, levels_per_pass=1)
-  k_section = optax_soaa.arturo(**hp, levels_per_pass=3)
+  plain = optax_soaa.arturo(**hp, levels_per_pass=1, chunk_size=3)
+  k_section = optax_soaa.arturo(**hp, levels_per_pass=3, chunk_size=3)
   _, s1, u1, steps = _run(plain, params, 10)
   _, s2, u2, _ = _run(k_section, params, 10)
   assert max(steps) > 3 * 3  # the replay went past three passes
@@ -349,6 +352,7 @@ def test_converges(problem, converged):
         ("weight_decay", -1e-4),
         ("max_eta", 0.0),
         ("levels_per_pass", 0),
+        ("chunk_size", 0),
     ],
 )
 def test_bad_input_raises(name, value):

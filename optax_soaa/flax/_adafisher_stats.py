@@ -319,7 +319,8 @@ def nnx_value_grad_and_stats(
   ``fun(model, *args, **kwargs)`` computes a scalar loss from an NNX model;
   its ``nnx.Linear`` and ``nnx.Conv`` layers are intercepted (their class's
   ``__call__`` is wrapped while the function is traced, then restored; only
-  this model's layers are tapped). Statistics, ``axis_name`` and the
+  this model's layers are tapped, but do not trace NNX models in several
+  threads at once while it runs). Statistics, ``axis_name`` and the
   fallback rules are those of :func:`value_grad_and_stats`.
 
   Returns:
