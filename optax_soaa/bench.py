@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--from-results", nargs="+", default=None, metavar="JSON",
                  help="train nothing; re-render the tables and plots of these"
                       " results.json files (and BENCHMARKS.md if asked)")
+  p.add_argument("--note", action="append", default=[],
+                 help="a line added under the results in BENCHMARKS.md"
+                      " (repeatable), e.g. a caveat about a run")
   p.add_argument("--write-benchmarks-md", nargs="?", const="BENCHMARKS.md",
                  default=None, metavar="PATH",
                  help="(re)write BENCHMARKS.md from this invocation's results")
@@ -91,20 +94,29 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
   print(f"[bench] {name}: {task.num_steps} steps x {len(task.factors)} sweep"
         f" values x {len(seeds)} seed(s), optimizers: {', '.join(optimizers)}",
         file=sys.stderr)
-  results = {}
-  for opt in optimizers:
-    results[opt] = runner.run(opt_lib.REGISTRY[opt])
-  summary = runner_lib.summarize(results, task)
-  payload = dict(environment=report.environment(argv), task=task.describe(),
-                 seeds=list(seeds), optimizers=results, **summary)
-  payload["wall_s"] = time.perf_counter() - t_start
-
   out = pathlib.Path(args.out) / name if (
       args.out and len(args.tasks_list) > 1) else pathlib.Path(
           args.out or pathlib.Path("bench_results") / name)
   out.mkdir(parents=True, exist_ok=True)
-  report.write_json(out / report.RESULTS_FILE, payload)
-  payload = report.load_json(out / report.RESULTS_FILE)
+
+  # Taken before training: the commit and date of the code that runs.
+  env = report.environment(argv)
+
+  def save(results, complete):
+    summary = runner_lib.summarize(results, task)
+    payload = dict(environment=env, task=task.describe(),
+                   seeds=list(seeds), optimizers=results, complete=complete,
+                   planned_optimizers=list(optimizers), **summary)
+    payload["wall_s"] = time.perf_counter() - t_start
+    report.write_json(out / report.RESULTS_FILE, payload)
+    return report.load_json(out / report.RESULTS_FILE)
+
+  results = {}
+  for opt in optimizers:
+    results[opt] = runner.run(opt_lib.REGISTRY[opt])
+    # Written after every optimizer, so an interrupted long run keeps what
+    # finished (re-render it with --from-results).
+    payload = save(results, complete=len(results) == len(optimizers))
   table = report.markdown_report(payload)
   (out / report.TABLE_FILE).write_text(table)
   report.write_plots(payload, out)
@@ -147,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                ["python", "-m", "optax_soaa.bench"] + argv))
   if args.write_benchmarks_md:
     path = pathlib.Path(args.write_benchmarks_md)
-    path.write_text(report.benchmarks_md(payloads))
+    path.write_text(report.benchmarks_md(payloads, notes=args.note))
     print(f"[bench] wrote {path}", file=sys.stderr)
   return 0
 

@@ -50,6 +50,8 @@ def test_results_json_environment_and_task(results):
   assert task["factors"] == list(FACTORS)
   # Adam is added as the reference even when not asked for.
   assert list(results["optimizers"]) == ["adam", "soaa-variance"]
+  assert results["complete"] is True
+  assert results["planned_optimizers"] == ["adam", "soaa-variance"]
 
 
 @pytest.mark.parametrize("name", ["adam", "soaa-variance"])
@@ -124,15 +126,32 @@ def test_plots_are_real_images(run_dir, name):
 
 
 def test_benchmarks_md_from_results(run_dir, tmp_path, capsys):
+  # --from-results trains nothing: it re-renders the table and plots beside
+  # the JSON and writes BENCHMARKS.md.
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  (copy / "results.json").write_text((run_dir[0] / "results.json").read_text())
   path = tmp_path / "BENCHMARKS.md"
-  assert bench.main(["--from-results", str(run_dir[0] / "results.json"),
-                     "--write-benchmarks-md", str(path)]) == 0
+  assert bench.main(["--from-results", str(copy / "results.json"),
+                     "--note", "a caveat", "--write-benchmarks-md",
+                     str(path)]) == 0
+  assert (copy / "results.md").read_text() == (
+      run_dir[0] / "results.md").read_text()
+  assert all((copy / name).stat().st_size > 1000 for name in report.PLOT_FILES)
   text = path.read_text()
   assert text.startswith("# Benchmarks") and "## Protocol" in text
   assert "inject_hyperparams" in text and "jax.vmap" in text
   assert "### digits-mlp" in text and "| soaa-variance | lr |" in text
-  assert "device: CPU" in text
+  assert "device: CPU" in text and "- Note: a caveat" in text
   assert "| soaa-variance | lr |" in capsys.readouterr().out
+
+
+def test_partial_run_is_flagged_in_the_report(results):
+  partial = dict(results, complete=False,
+                 planned_optimizers=["adam", "soaa-variance", "sgd"])
+  text = report.markdown_report(partial)
+  assert "**partial run**" in text and "not run: sgd" in text
+  assert "partial" not in report.markdown_report(results)
 
 
 def test_unavailable_optimizer_is_reported_not_raised():
