@@ -140,8 +140,9 @@ kl_schedule = optax.piecewise_constant_schedule(
 # none).
 #
 # Two arTuRO runs differ only in `eta_tol`, the bisection's tolerance on
-# `eta`. It is absolute, and the reference's 0.5 is coarse when `eta` itself
-# is below 1, as it is on this small model; see what that does in the plots.
+# `eta`. It is absolute, so the reference's 0.5 is coarse wherever `eta` is
+# not much larger than 0.5; the plots below show where that is the case on
+# this model, and what it does.
 
 # %%
 BATCH_SIZE = 64

@@ -82,7 +82,7 @@ def test_notebook_runs(name, tmp_path):
   env["PYTHONPATH"] = os.pathsep.join(
       [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
   env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-  env.setdefault("XLA_FLAGS", "")
+  env.setdefault("JAX_PLATFORMS", "cpu")  # CI is a CPU machine; skip probing
   client = nbclient.NotebookClient(
       nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
       allow_errors=False, record_timing=False)
