@@ -99,9 +99,18 @@ def find_results():
   return None
 
 
+def checkout_root():
+  here = pathlib.Path.cwd().resolve()
+  return next((p for p in (here, *here.parents)
+               if (p / "pyproject.toml").is_file()
+               and (p / "optax_soaa").is_dir()), None)
+
+
 results_path = find_results()
 if results_path is None:
-  out_dir = pathlib.Path("bench_results") / TASK
+  # Where the tool writes by default: bench_results/ at the top of a
+  # checkout, else in the current folder (e.g. /content on Colab).
+  out_dir = (checkout_root() or pathlib.Path.cwd()) / "bench_results" / TASK
   command = [sys.executable, "-m", "optax_soaa.bench", "--tasks", TASK,
              "--quick", "--steps", str(NUM_STEPS), "--no-progress",
              "--out", str(out_dir), *EXTRA_BENCH_ARGS]
