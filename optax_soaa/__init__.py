@@ -15,6 +15,8 @@ from optax_soaa._src.arturo import ArturoState
 from optax_soaa._src.soaa import scale_by_soaa
 from optax_soaa._src.soaa import soaa
 from optax_soaa._src.soaa import SOAAState
+from optax_soaa._src.sharding import state_partition_specs
+from optax_soaa._src.sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -29,4 +31,6 @@ __all__ = (
     "scale_by_soaa",
     "soaa",
     "SOAAState",
+    "state_partition_specs",
+    "state_shardings",
 )

@@ -121,6 +121,23 @@ def test_first_step_sets_dt_to_one_in_float32():
     assert float(new_state.trust_ratio) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_first_step_variance_is_exactly_zero(dtype):
+  """v after step 1 is (g - m̂)² = 0 exactly, not rounding noise."""
+  params = _params(dtype)
+  grads = jax.tree.map(lambda p: (p * 3.7 + 0.1).astype(dtype), params)
+  opt = optax_soaa.scale_by_soaa(0.1, total_steps=10)
+  updates, state = jax.jit(opt.update)(grads, opt.init(params), params,
+                                       value=jnp.float32(1.0))
+  chex.assert_trees_all_equal(state.curvature,
+                              optax.tree.zeros_like(params))
+  # With v = 0 the first step is Adam's: m̂ / (sqrt(ŝ) + eps) = sign(g).
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda u: u.astype(jnp.float32), updates),
+      jax.tree.map(lambda g: jnp.sign(g).astype(jnp.float32), grads),
+      atol=1e-2)
+
+
 def test_non_finite_value_keeps_trust_region_state():
   params = {"w": jnp.arange(3.0)}
   opt = optax_soaa.scale_by_soaa(0.1, total_steps=10)

@@ -66,8 +66,9 @@ class AdaFisherState(NamedTuple):
 
   count: jax.Array  # shape=(), int32: steps taken.
   mu: optax.Updates  # like params (dtype mu_dtype or params'): momentum m.
-  nu: Optional[optax.Updates]  # like params: Adam second moment of the
-  # fallback="adam" leaves; None for fallback="identity".
+  nu: Optional[optax.Updates]  # like params (dtype nu_dtype or params'):
+  # Adam second moment of the fallback="adam" leaves; None for
+  # fallback="identity".
   h: optax.Updates  # per leaf, shape (fan_in,), S: running average of the
   # min-max-normalised input diagonal (starts at ones).
   s: optax.Updates  # per leaf, shape (out,), S: running average of the
@@ -135,6 +136,7 @@ def scale_by_adafisher(
     fallback_b2: float = 0.999,
     fallback_eps: float = 1e-8,
     mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales gradients into AdaFisher's direction ``m̂ / F̃``.
@@ -157,6 +159,8 @@ def scale_by_adafisher(
     fallback_b2: second-moment decay of the ``"adam"`` fallback, in [0, 1).
     fallback_eps: epsilon of the ``"adam"`` fallback, >= 0.
     mu_dtype: optional dtype of the momentum.
+    nu_dtype: optional dtype of the ``"adam"`` fallback's second moment
+      (e.g. float32 state for bfloat16 params); the params' dtype if None.
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       incoming statistics are averaged (``pmean``) before use. Not needed
       when the Flax helper already averaged them (its own ``axis_name``;
@@ -178,6 +182,7 @@ def scale_by_adafisher(
   )
   utils.check_range("fallback_eps", fallback_eps, lower=0.0)
   mu_dtype = optax._src.utils.canonicalize_dtype(mu_dtype)  # pylint: disable=protected-access
+  nu_dtype = optax._src.utils.canonicalize_dtype(nu_dtype)  # pylint: disable=protected-access
   use_adam = fallback == "adam"
 
   def init_fn(params):
@@ -187,13 +192,19 @@ def scale_by_adafisher(
     return AdaFisherState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params) if use_adam else None,
+        nu=optax.tree.zeros_like(params, dtype=nu_dtype) if use_adam else None,
         h=jax.tree.map(ones_h, params),
         s=jax.tree.map(ones_s, params),
     )
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    # Checked at trace time: a mismatch would otherwise surface as an opaque
+    # tree_map or broadcasting error inside the momentum update.
+    utils.check_trees_match("updates", updates, "params given to init", state.mu)
+    if params is not None:
+      utils.check_trees_match("updates", updates, "params", params)
+    del params
     grads = updates
     leaves, treedef = jax.tree.flatten(grads)
     paths = [jax.tree_util.keystr(p) for p, _ in
@@ -353,6 +364,7 @@ _DOC_COMMON = r"""
     fallback_b2: second-moment decay of the ``"adam"`` fallback.
     fallback_eps: epsilon of the ``"adam"`` fallback.
     mu_dtype: optional dtype of the momentum.
+    nu_dtype: optional dtype of the ``"adam"`` fallback's second moment.
     axis_name: see :func:`scale_by_adafisher`.
 
   Returns:
@@ -361,60 +373,47 @@ _DOC_COMMON = r"""
 """
 
 
-def adafisher(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    decay: float = 0.92,
-    new_weight: float = 0.008,
-    damping: float = 1e-3,
-    stats_every: int = 100,
-    weight_decay: float = 0.0,
-    *,
-    fallback: str = "identity",
-    fallback_b2: float = 0.999,
-    fallback_eps: float = 1e-8,
-    mu_dtype: Optional[Any] = None,
-    axis_name: Optional[str] = None,
-) -> optax.GradientTransformationExtraArgs:
-  utils.check_schedule_or_nonneg("learning_rate", learning_rate)
-  utils.check_range("weight_decay", weight_decay, lower=0.0)
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      scale_by_adafisher(
-          b1=b1, decay=decay, new_weight=new_weight, damping=damping,
-          stats_every=stats_every, fallback=fallback, fallback_b2=fallback_b2,
-          fallback_eps=fallback_eps, mu_dtype=mu_dtype, axis_name=axis_name,
-      ),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+def _adafisher_chain(decoupled: bool):
+  """Builds the `adafisher` (L2 into the momentum) or `adafisherw` alias."""
+
+  def alias(
+      learning_rate: optax.ScalarOrSchedule = 1e-3,
+      b1: float = 0.9,
+      decay: float = 0.92,
+      new_weight: float = 0.008,
+      damping: float = 1e-3,
+      stats_every: int = 100,
+      weight_decay: float = 0.0,
+      *,
+      fallback: str = "identity",
+      fallback_b2: float = 0.999,
+      fallback_eps: float = 1e-8,
+      mu_dtype: Optional[Any] = None,
+      nu_dtype: Optional[Any] = None,
+      axis_name: Optional[str] = None,
+  ) -> optax.GradientTransformationExtraArgs:
+    utils.check_schedule_or_nonneg("learning_rate", learning_rate)
+    utils.check_range("weight_decay", weight_decay, lower=0.0)
+    decay_weights = optax.add_decayed_weights(weight_decay)
+    precondition = scale_by_adafisher(
+        b1=b1, decay=decay, new_weight=new_weight, damping=damping,
+        stats_every=stats_every, fallback=fallback, fallback_b2=fallback_b2,
+        fallback_eps=fallback_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+        axis_name=axis_name,
+    )
+    # AdaFisherW decays θ after preconditioning; AdaFisher adds wd θ to the
+    # gradient before the momentum.
+    stages = ((precondition, decay_weights) if decoupled
+              else (decay_weights, precondition))
+    return optax.chain(*stages, optax.scale_by_learning_rate(learning_rate))
+
+  return alias
 
 
-def adafisherw(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    decay: float = 0.92,
-    new_weight: float = 0.008,
-    damping: float = 1e-3,
-    stats_every: int = 100,
-    weight_decay: float = 0.0,
-    *,
-    fallback: str = "identity",
-    fallback_b2: float = 0.999,
-    fallback_eps: float = 1e-8,
-    mu_dtype: Optional[Any] = None,
-    axis_name: Optional[str] = None,
-) -> optax.GradientTransformationExtraArgs:
-  utils.check_schedule_or_nonneg("learning_rate", learning_rate)
-  utils.check_range("weight_decay", weight_decay, lower=0.0)
-  return optax.chain(
-      scale_by_adafisher(
-          b1=b1, decay=decay, new_weight=new_weight, damping=damping,
-          stats_every=stats_every, fallback=fallback, fallback_b2=fallback_b2,
-          fallback_eps=fallback_eps, mu_dtype=mu_dtype, axis_name=axis_name,
-      ),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+adafisher = _adafisher_chain(decoupled=False)
+adafisher.__name__ = adafisher.__qualname__ = "adafisher"
+adafisherw = _adafisher_chain(decoupled=True)
+adafisherw.__name__ = adafisherw.__qualname__ = "adafisherw"
 
 
 adafisher.__doc__ = "AdaFisher (weight decay coupled into the momentum).\n" + (

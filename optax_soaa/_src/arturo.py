@@ -110,9 +110,10 @@ def _chunked_sum(fn, arrays, chunk, out_shape, dtype):
     return fn(*[jax.lax.dynamic_slice_in_dim(x, start, length) for x in flats])
 
   num_chunks = size // chunk
+  # part(0, 0), not jnp.zeros: under shard_map the zero must vary over the
+  # same mesh axes as the sums the loop adds to it.
   total = jax.lax.fori_loop(
-      0, num_chunks, lambda i, acc: acc + part(i * chunk, chunk),
-      jnp.zeros(out_shape, dtype),
+      0, num_chunks, lambda i, acc: acc + part(i * chunk, chunk), part(0, 0)
   )
   if num_chunks * chunk < size:
     total = total + part(num_chunks * chunk, size - num_chunks * chunk)
@@ -283,13 +284,7 @@ def arturo(
   if levels_per_pass is None:
     levels_per_pass = _DEFAULT_LEVELS_PER_PASS
   utils.check_positive_int("levels_per_pass", levels_per_pass)
-  if chunk_size == "auto":
-    chunk = utils.default_chunk_size()
-  elif chunk_size is None:
-    chunk = None
-  else:
-    utils.check_positive_int("chunk_size", chunk_size)
-    chunk = int(chunk_size)
+  utils.check_chunk_size("chunk_size", chunk_size)
   rho = utils._concrete_float(reg_weight)  # pylint: disable=protected-access
   nu_ = utils._concrete_float(nu)  # pylint: disable=protected-access
   if rho is not None and nu_ is not None and rho + nu_ <= 0:
@@ -308,7 +303,7 @@ def arturo(
 
     def full(value):
       return jax.tree.map(
-          lambda p: jnp.full(jnp.shape(p), value, _stats_dtype(p)), params
+          lambda p: jnp.full_like(p, value, _stats_dtype(p)), params
       )
 
     return ArturoState(
@@ -319,7 +314,7 @@ def arturo(
         p01=full(0.0),
         p11=full(start_filter_cov),
         precision=jax.tree.map(
-            lambda p: jnp.ones(jnp.shape(p), _stats_dtype(p))
+            lambda p: jnp.ones_like(p, _stats_dtype(p))
             / jnp.asarray(var_init, _stats_dtype(p)),
             params,
         ),
@@ -332,9 +327,10 @@ def arturo(
     del extra_args
     if params is None:
       raise ValueError("arturo's `update` needs `params` (the means θ).")
-    utils.check_tree_structures_match("updates", updates, "params", params)
+    utils.check_trees_match("updates", updates, "params", params)
     grads = updates
     sdtype = state.eta.dtype
+    chunk = utils.resolve_chunk_size(chunk_size)
     first = state.count == 0
     kl_value = kl_fn(state.count)
     eps = jnp.asarray(kl_value, sdtype)

@@ -22,8 +22,8 @@ class SOAAState(NamedTuple):
 
   count: jax.Array  # shape=(), int32: steps taken.
   mu: optax.Updates  # like params (dtype mu_dtype or params'): first moment m.
-  nu: optax.Updates  # like params: second moment s.
-  curvature: Optional[optax.Updates]  # like params: centred variance v;
+  nu: optax.Updates  # like params (dtype nu_dtype or params'): second moment s.
+  curvature: Optional[optax.Updates]  # like nu: centred variance v;
   # None when curvature="second_moment" (v̂ = ŝ, no extra memory).
   dt: jax.Array  # shape=(), S: trust-region multiplier, starts at 1.
   loss_avg: jax.Array  # shape=(), S: EMA of the loss (not bias-corrected).
@@ -43,6 +43,7 @@ def scale_by_soaa(
     total_steps: int,
     curvature: str = "variance",
     mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
     axis_name: Optional[str] = None,
     reduction_chunk_size: Union[int, str, None] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
@@ -64,14 +65,17 @@ def scale_by_soaa(
     curvature: ``"variance"`` (centred variance, default) or
       ``"second_moment"`` (``v̂ = ŝ``, Adam's memory).
     mu_dtype: optional dtype of the first moment.
+    nu_dtype: optional dtype of the second moment and of the curvature
+      (e.g. float32 state for bfloat16 params); the params' dtype if None.
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are *split*; the global sums are then ``psum``-ed over it.
       Leave ``None`` for replicated data parallelism and for sharded ``jit``.
     reduction_chunk_size: how the predicted-reduction sum is evaluated:
-      ``"auto"`` (slices of 65536 elements on the CPU backend, where XLA would
-      otherwise allocate a parameter-sized temporary each step; one fused sum
-      elsewhere), an int, or ``None`` (always one sum). Only the summation
-      order differs.
+      ``"auto"`` (slices of 65536 elements when tracing for a single CPU
+      device, where XLA would otherwise allocate a parameter-sized temporary
+      each step; one fused sum on GPU/TPU and with several devices, where
+      slicing sharded leaves would gather them), an int, or ``None`` (always
+      one sum). Only the summation order differs.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes the
@@ -88,7 +92,8 @@ def scale_by_soaa(
   utils.check_positive_int("total_steps", total_steps)
   utils.check_choice("curvature", curvature, CURVATURES)
   mu_dtype = optax._src.utils.canonicalize_dtype(mu_dtype)  # pylint: disable=protected-access
-  chunk_size = utils.resolve_chunk_size(reduction_chunk_size)
+  nu_dtype = optax._src.utils.canonicalize_dtype(nu_dtype)  # pylint: disable=protected-access
+  utils.check_chunk_size("reduction_chunk_size", reduction_chunk_size)
   lr_fn = utils.as_schedule(learning_rate)
   use_variance = curvature == "variance"
 
@@ -99,8 +104,11 @@ def scale_by_soaa(
     return SOAAState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params),
-        curvature=optax.tree.zeros_like(params) if use_variance else None,
+        nu=optax.tree.zeros_like(params, dtype=nu_dtype),
+        curvature=(
+            optax.tree.zeros_like(params, dtype=nu_dtype) if use_variance
+            else None
+        ),
         dt=jnp.ones([], sdtype),
         loss_avg=zero(),
         predicted_reduction=zero(),
@@ -110,9 +118,16 @@ def scale_by_soaa(
     )
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    # Checked at trace time: a mismatch would otherwise surface as an opaque
+    # tree_map or broadcasting error deep inside the moment updates.
+    utils.check_trees_match("updates", updates, "params given to init", state.nu)
+    if params is not None:
+      utils.check_trees_match("updates", updates, "params", params)
+    del params
     grads = updates
     sdtype = state.dt.dtype
+    chunk_size = utils.resolve_chunk_size(reduction_chunk_size)
     count_inc = numerics.safe_int32_increment(state.count)
     t = count_inc.astype(sdtype)
     lr = jnp.asarray(lr_fn(state.count), sdtype)
@@ -129,10 +144,17 @@ def scale_by_soaa(
     mu = optax.tree.update_moment(grads, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
     if use_variance:
-      curv = jax.tree.map(
-          lambda g, m, v: b2 * v + (1 - b2) * jnp.square(g - m / bc1.astype(m.dtype)),
-          grads, mu, state.curvature,
-      )
+      # In exact arithmetic g - m̂ = 0 at t = 1 (m̂ = g); computed, it is
+      # rounding noise that the ratio r then divides by its own sum, so the
+      # first step is set to the exact value. (Written through the previous
+      # moment instead, XLA would copy that donated buffer every step.)
+      first = count_inc == 1
+
+      def variance(g, m, v):
+        deviation = jnp.where(first, 0, g - m / bc1.astype(m.dtype))
+        return b2 * v + (1 - b2) * jnp.square(deviation)
+
+      curv = jax.tree.map(variance, grads, mu, state.curvature)
       curv = optax.tree.cast_like(curv, state.curvature)
     else:
       curv = None
@@ -151,9 +173,8 @@ def scale_by_soaa(
     # Pass 2: the trust-region direction (dt of step t-1).
     dt = state.dt
 
-    # Pass 2 scales by reciprocals while the curvature update divides: the
-    # two expressions then stay distinct, so XLA fuses each into its single
-    # consumer instead of materialising a shared m̂ the size of the params.
+    # Pass 2 forms m̂, ŝ, v̂ inside each consumer (the direction, and the
+    # predicted-reduction sum), so XLA never materialises them.
     inv_bc1 = 1 / bc1
     inv_bc2 = 1 / bc2
 
@@ -236,6 +257,7 @@ def soaa(
     total_steps: int,
     curvature: str = "variance",
     mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
     weight_decay_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     axis_name: Optional[str] = None,
     reduction_chunk_size: Union[int, str, None] = "auto",
@@ -265,6 +287,9 @@ def soaa(
   * ``v`` is updated as a centred variance (Tadam lineage; the paper
     initialises it but never updates it). ``curvature="second_moment"`` uses
     ``v̂ = ŝ`` instead, as the C++ port *nadir* does, at Adam's memory.
+  * At ``t = 1``, ``g - m̂`` is exactly 0 (as in exact arithmetic, where
+    ``m̂ = g``), so ``v`` is 0 after the first step in float32 and bfloat16
+    too, instead of rounding noise that ``r`` would amplify.
   * ``dt``, ``pr`` and ``loss_avg`` are global scalars (one loss per model).
   * Without ``value``, or with a non-finite one, ``dt``, ``pr`` and
     ``loss_avg`` keep their values (a non-finite loss is counted in
@@ -307,6 +332,7 @@ def soaa(
     curvature: ``"variance"`` (1.5x Adam's state) or ``"second_moment"``
       (Adam's state plus a few scalars).
     mu_dtype: optional dtype of the first moment.
+    nu_dtype: optional dtype of the second moment and curvature.
     weight_decay_mask: optional mask (or function of params) for the decay.
     axis_name: see :func:`scale_by_soaa`.
     reduction_chunk_size: see :func:`scale_by_soaa`.
@@ -319,7 +345,8 @@ def soaa(
       scale_by_soaa(
           learning_rate, b1=b1, b2=b2, gamma=gamma, eps=eps,
           total_steps=total_steps, curvature=curvature, mu_dtype=mu_dtype,
-          axis_name=axis_name, reduction_chunk_size=reduction_chunk_size,
+          nu_dtype=nu_dtype, axis_name=axis_name,
+          reduction_chunk_size=reduction_chunk_size,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -110,19 +110,26 @@ def scalar_dtype(tree: Any) -> jnp.dtype:
 CPU_CHUNK_SIZE = 65536
 
 
-def default_chunk_size() -> Optional[int]:
-  """The chunk size `tree_sum` uses for expensive sums on this backend."""
-  return CPU_CHUNK_SIZE if jax.default_backend() == "cpu" else None
+def check_chunk_size(name: str, chunk_size: Any) -> None:
+  """Validates a chunk-size option: "auto", None or a positive int."""
+  if chunk_size == "auto" or chunk_size is None:
+    return
+  check_positive_int(name, chunk_size)
 
 
 def resolve_chunk_size(chunk_size: Any) -> Optional[int]:
-  """Maps the user-facing `reduction_chunk_size` option to an int or None."""
+  """The chunk size to trace with, for a `check_chunk_size`-valid option.
+
+  Called inside `update`, at trace time: "auto" asks the backend only then,
+  after `jax.distributed.initialize` and once the devices are known. It
+  chunks on a single CPU device only: with several devices the leaves may be
+  sharded, and slicing them would make XLA gather them whole.
+  """
   if chunk_size == "auto":
-    return default_chunk_size()
-  if chunk_size is None:
+    if jax.default_backend() == "cpu" and jax.device_count() == 1:
+      return CPU_CHUNK_SIZE
     return None
-  check_positive_int("reduction_chunk_size", chunk_size)
-  return int(chunk_size)
+  return None if chunk_size is None else int(chunk_size)
 
 
 def _leaf_sum(fn, leaves, dtype, chunk_size):
@@ -137,7 +144,10 @@ def _leaf_sum(fn, leaves, dtype, chunk_size):
              for f in flats]
     return acc + jnp.sum(fn(*parts).astype(dtype), dtype=dtype)
 
-  total = jax.lax.fori_loop(0, num_chunks, body, jnp.zeros([], dtype))
+  # A zero computed from the leaves (an empty slice), not jnp.zeros: under
+  # shard_map it varies over the same mesh axes as the loop body's sums.
+  zero = jnp.sum(fn(*[f[:0] for f in flats]).astype(dtype), dtype=dtype)
+  total = jax.lax.fori_loop(0, num_chunks, body, zero)
   rest = num_chunks * chunk_size
   if rest < size:
     tail = fn(*[f[rest:] for f in flats])
@@ -185,3 +195,17 @@ def check_tree_structures_match(
         f"`{name_a}` and `{name_b}` must have the same pytree structure; got\n"
         f"  {name_a}: {struct_a}\n  {name_b}: {struct_b}"
     )
+
+
+def check_trees_match(name_a: str, tree_a: Any, name_b: str, tree_b: Any) -> None:
+  """Raises `ValueError` (at trace time) unless two pytrees have the same
+  structure and leaf shapes; the message names the first differing leaf."""
+  check_tree_structures_match(name_a, tree_a, name_b, tree_b)
+  paths_a = jax.tree_util.tree_leaves_with_path(tree_a)
+  for (path, a), b in zip(paths_a, jax.tree.leaves(tree_b)):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(
+          f"`{name_a}` and `{name_b}` must have the same leaf shapes; at "
+          f"{jax.tree_util.keystr(path)} got {name_a}: {jnp.shape(a)}, "
+          f"{name_b}: {jnp.shape(b)}."
+      )

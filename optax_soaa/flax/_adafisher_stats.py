@@ -144,6 +144,9 @@ class _Recorder:
     probe = self.probes[k]
     if y.shape[-1] != probe.shape[0]:
       return y
+    # Under shard_map(check_vma=True) the probe's cotangent (computed from δ)
+    # must vary over the same mesh axes as the probe itself.
+    y = _vary(y, _varying_axes(probe))
     dtype = _acc_dtype(x, probe)
     if kind == "dense":
       h = _dense_h(x, dtype, bias is not None)
@@ -175,6 +178,25 @@ class _Recorder:
       if b is not None:
         out[b] = LayerStats(h=h, s=s, part="bias")
     return out
+
+
+def _varying_axes(x: Any) -> frozenset:
+  """Mesh axes over which `x` varies inside shard_map (empty elsewhere)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", ()))  # Older JAX.
+
+
+def _vary(x: jax.Array, axes: frozenset) -> jax.Array:
+  """`x` made varying over `axes` (as shard_map's check_vma tracks it)."""
+  axes = tuple(sorted(axes - _varying_axes(x)))
+  if not axes:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)
 
 
 def _make_probes(leaves: list[Any]) -> dict[int, jax.Array]:
@@ -233,7 +255,13 @@ def value_grad_and_stats(
 
   def wrapped(params, *args, **kwargs):
     leaves, treedef = jax.tree.flatten(params)
-    probes = _make_probes(leaves)
+    # Per-device statistics, as without shard_map: probes vary over every
+    # mesh axis the inputs vary over (else autodiff would psum their grads).
+    axes = frozenset().union(
+        *(_varying_axes(x) for x in jax.tree.leaves((params, args, kwargs))
+          if isinstance(x, jax.Array))
+    )
+    probes = {k: _vary(p, axes) for k, p in _make_probes(leaves).items()}
     recorder: list[_Recorder] = []
 
     def inner(params, probes):

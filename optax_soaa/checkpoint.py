@@ -1,0 +1,117 @@
+"""Saving and restoring ``(params, opt_state)`` with orbax-checkpoint.
+
+A thin layer over :class:`orbax.checkpoint.StandardCheckpointer` that fixes the
+one thing that is easy to get wrong: orbax stores arrays, not Python types, so a
+restore *without a target* returns the optimizer state as nested dicts and
+lists (``SOAAState`` becomes a dict, ``optax.EmptyState`` and ``None`` fields
+vanish), which ``tx.update`` cannot use. :func:`restore` always restores into
+the exact structure, dtypes and shapes of a target built from the optimizer::
+
+  import jax, optax_soaa
+  from optax_soaa import checkpoint
+
+  checkpoint.save("/tmp/run/step_1000", params, opt_state, step=1000)
+
+  # In a fresh process: build the same optimizer and model, then
+  params_like = jax.eval_shape(model.init, key, x)["params"]
+  opt_state_like = jax.eval_shape(tx.init, params_like)
+  params, opt_state, step = checkpoint.restore(
+      "/tmp/run/step_1000", params_like, opt_state_like)
+
+With the same data order (derive each batch from ``(seed, step)``) the
+continued run is bit-identical to an uninterrupted one. orbax-checkpoint is
+imported only when these functions are called (``pip install
+optax-soaa[checkpoint]``); the optimizers never import it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+
+def _orbax():
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "optax_soaa.checkpoint needs orbax-checkpoint: "
+        "`pip install optax-soaa[checkpoint]` or `pip install orbax-checkpoint`."
+    ) from e
+  return ocp
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs for the array leaves of `tree` (arrays or structs)."""
+
+  def to_struct(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+  return jax.tree.map(to_struct, tree)
+
+
+def save(
+    directory: str | os.PathLike,
+    params: Any,
+    opt_state: Any,
+    *,
+    step: Optional[int] = None,
+    force: bool = False,
+) -> None:
+  """Writes `params`, `opt_state` and `step` to `directory` and waits for it.
+
+  Args:
+    directory: a new directory (made absolute); an existing one is an error
+      unless `force` is True, in which case it is replaced.
+    params: the parameter pytree.
+    opt_state: the optimizer state returned by ``tx.init``/``tx.update``.
+    step: optional training step (e.g. the index of the next batch).
+    force: overwrite an existing checkpoint.
+  """
+  ocp = _orbax()
+  tree = {
+      "params": params,
+      "opt_state": opt_state,
+      "step": np.asarray(-1 if step is None else step, np.int32),
+  }
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(directory), tree, force=force)
+    ckptr.wait_until_finished()
+
+
+def restore(
+    directory: str | os.PathLike, params_like: Any, opt_state_like: Any
+) -> tuple[Any, Any, Optional[int]]:
+  """Reads a checkpoint written by :func:`save` into the given structure.
+
+  Args:
+    directory: the checkpoint directory.
+    params_like: a pytree with the structure, shapes and dtypes of the params:
+      the params themselves or ``jax.eval_shape`` of the model's init.
+    opt_state_like: the same for the optimizer state, e.g.
+      ``jax.eval_shape(tx.init, params_like)``. Its structure (NamedTuples,
+      ``None`` fields, ``EmptyState``) is what comes back.
+
+  Returns:
+    ``(params, opt_state, step)``; `step` is None when none was saved.
+
+  Raises:
+    ValueError: (from orbax) when the checkpoint's arrays do not match the
+      target, e.g. an optimizer built with other options.
+  """
+  ocp = _orbax()
+  target = {
+      "params": _abstract(params_like),
+      "opt_state": _abstract(opt_state_like),
+      "step": jax.ShapeDtypeStruct((), np.int32),
+  }
+  with ocp.StandardCheckpointer() as ckptr:
+    out = ckptr.restore(os.path.abspath(directory), target)
+  step = int(out["step"])
+  return out["params"], out["opt_state"], (None if step < 0 else step)
