@@ -3,7 +3,7 @@
     python -m optax_soaa.bench                       # digits-mlp, every optimizer
     python -m optax_soaa.bench --tasks fmnist-cnn --quick --seeds 2
     python -m optax_soaa.bench --tasks lm --quick --optimizers adam soaa-variance
-    python -m optax_soaa.bench --from-results bench_results/*/results.json \\
+    python -m optax_soaa.bench --from-results results/bench/*/results.json \\
         --write-benchmarks-md
 
 Each optimizer trains over the same sweep of its step size (learning rate,

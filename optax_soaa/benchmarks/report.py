@@ -312,9 +312,12 @@ PROTOCOL = """\
 # Benchmarks
 
 This file is written by the benchmark tool (this protocol text included)
-from its results files; no number in it is typed by hand. Regenerate with
+from its results files; no number in it is typed by hand. The results files
+behind it (JSON, tables, plots) are committed under `results/bench/<task>/`
+(a run writes to `bench_results/<task>/`; copy it there to publish it).
+Regenerate with
 
-    python -m optax_soaa.bench --from-results bench_results/*/results.json --write-benchmarks-md
+    python -m optax_soaa.bench --from-results results/bench/*/results.json --write-benchmarks-md
 
 ## Protocol
 

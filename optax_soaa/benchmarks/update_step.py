@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 import optax_soaa
+from optax_soaa.benchmarks import tasks
 
 
 class Entry(NamedTuple):
@@ -52,19 +53,8 @@ OPTIMIZERS: Dict[str, Entry] = {
         ),
         _loss_value,
     ),
-    # The reference's tuned Fashion-MNIST CNN values (ALRhub/arturo,
-    # experiments/hyperparameter_configs/arturo/fmnist_cnn.yml).
-    "arturo": Entry(
-        lambda: optax_soaa.arturo(
-            kl_bound=0.08567456308209788,
-            reg_weight=0.05865661620286048,
-            prior_prec=0.0015,
-            dynamic_model_noise=0.017392958232048346,
-            measurement_noise=2.8167911612651997,
-            start_filter_cov=0.00005,
-            nu=1.3,
-        )
-    ),
+    # The reference's tuned Fashion-MNIST CNN configuration.
+    "arturo": Entry(lambda: optax_soaa.arturo(**tasks.ARTURO_FMNIST)),
 }
 
 
