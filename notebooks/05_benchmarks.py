@@ -84,18 +84,27 @@ from optax_soaa.benchmarks import report
 
 # %% [markdown]
 # ## Find the results, or make them
+#
+# In this order: the file named by `OPTAX_SOAA_BENCH_RESULTS`; a local run
+# of the tool (`bench_results/<task>/results.json`, in this folder or a
+# parent); the results published in the repository
+# (`results/bench/<task>/results.json`, when the notebook runs from a
+# checkout). Set `TASK` above to `"fmnist-cnn"` or `"lm"` to show the
+# published results of those tasks. If nothing is found, the tool runs here.
 
 # %%
 def find_results():
+  """The results file to show: given, a local run, or the published one."""
   given = os.environ.get("OPTAX_SOAA_BENCH_RESULTS")
   if given:
     path = pathlib.Path(given)
     return path / "results.json" if path.is_dir() else path
   here = pathlib.Path.cwd().resolve()
-  for root in (here, *here.parents):  # a checkout's bench_results/ too
-    path = root / "bench_results" / TASK / "results.json"
-    if path.is_file():
-      return path
+  for folder in ("bench_results", "results/bench"):
+    for root in (here, *here.parents):
+      path = root / folder / TASK / "results.json"
+      if path.is_file():
+        return path
   return None
 
 
