@@ -359,3 +359,23 @@ def test_reg_weight_plus_nu_must_be_positive_and_params_required():
   opt = optax_soaa.arturo(**FMNIST)
   with pytest.raises(ValueError, match="params"):
     opt.update(grads, opt.init(params))
+
+
+def test_no_bisection_when_the_bracket_starts_narrow():
+  # The filter's pass always sums the KL at the first midpoint; when the
+  # bracket is already no wider than eta_tol the bisection must ignore
+  # that sum: no step counted, the last KL kept, η the bracket's middle.
+  hp = dict(FMNIST, eta_tol=1e3, max_eta=1e3)
+  opt = optax_soaa.arturo(**hp, chunk_size=4)
+  params = _small_params()
+  _, s1, _, steps1 = _run(opt, params, 1)
+  assert steps1 == [0]  # [0, max_eta] is exactly eta_tol wide
+  np.testing.assert_allclose(s1.eta, 500.0)
+  step = jax.jit(opt.update)
+  grads = jax.grad(_loss)(params)
+  updates, s2 = step(grads, s1, params)
+  assert int(s2.bisection_steps) == 0
+  chex.assert_trees_all_equal(s2.kl, s1.kl)
+  want = (s1.eta / 3 + jnp.minimum(3 * s1.eta, 1e3)) / 2
+  np.testing.assert_allclose(s2.eta, want, rtol=1e-6)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

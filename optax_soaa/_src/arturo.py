@@ -38,6 +38,13 @@ class ArturoState(NamedTuple):
 # See `levels_per_pass` in `arturo`'s docstring.
 _DEFAULT_LEVELS_PER_PASS = 1
 
+# The slice length "auto" uses on the CPU backend, shorter than
+# `utils.CPU_CHUNK_SIZE`: the filter streams thirteen arrays and its
+# temporaries, which must stay cache-resident (at 10M parameters slices of
+# about 8K elements ran the step about 1.7x faster than 64K ones; see
+# benchmarks/update_step.py).
+_CPU_CHUNK_SIZE = 8192
+
 
 def _check_nonneg(name: str, value: Any) -> None:
   utils.check_range(name, value, lower=0.0)
@@ -65,59 +72,49 @@ def _even_chunk(size, chunk):
   return chunk
 
 
-def _chunked_update(fn, inputs, states, chunk):
-  """`fn(*inputs, *states)` elementwise, written over `states` chunk by chunk.
+def _chunked_pass(fn, inputs, states, chunk):
+  """One pass over memory: `fn(*inputs, *states) -> (new_states, total)`.
 
-  On the CPU backend XLA materialises every subexpression shared by several
-  outputs as a parameter-sized temporary, and each such buffer costs more
-  than a pass over memory. Slices of `chunk` elements keep those temporaries
-  cache-sized; the states are updated in place.
+  `fn` is elementwise in its array arguments and `total` is a sum over them
+  (any fixed shape). Over a leaf larger than `chunk` the pass runs slice by
+  slice in a loop: `new_states` are written over `states` in place and the
+  slices' totals are added up. On the CPU backend XLA materialises every
+  subexpression shared by several outputs, and the operand of a reduction,
+  as a parameter-sized temporary, each costing more than a pass over memory;
+  slices of `chunk` elements keep them cache-sized.
   """
-  size = states[0].size
+  size = (states or inputs)[0].size
   if chunk is None or size <= chunk:
-    return tuple(fn(*inputs, *states))
-  shape = states[0].shape
+    new, total = fn(*inputs, *states)
+    return tuple(new), total
+  shape = states[0].shape if states else None
   chunk = _even_chunk(size, chunk)
   flat_in = [x.reshape(-1) for x in inputs]
   flat_st = tuple(x.reshape(-1) for x in states)
 
-  def apply(start, length, flat_st):
+  def apply(start, length, carry):
+    flat_st, total = carry
     part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, length)
-    new = fn(*[part(x) for x in flat_in], *[part(x) for x in flat_st])
-    return tuple(
+    new, part_total = fn(*[part(x) for x in flat_in],
+                         *[part(x) for x in flat_st])
+    flat_st = tuple(
         jax.lax.dynamic_update_slice_in_dim(x, n.astype(x.dtype), start, 0)
         for x, n in zip(flat_st, new)
     )
+    return flat_st, total + part_total
 
+  # The totals of empty slices, not jnp.zeros: under shard_map the zero must
+  # vary over the same mesh axes as the sums the loop adds to it.
+  empty = lambda x: x[:0]
+  _, zero = fn(*[empty(x) for x in flat_in], *[empty(x) for x in flat_st])
   num_chunks = size // chunk
-  flat_st = jax.lax.fori_loop(
-      0, num_chunks, lambda i, st: apply(i * chunk, chunk, st), flat_st
+  carry = jax.lax.fori_loop(
+      0, num_chunks, lambda i, c: apply(i * chunk, chunk, c), (flat_st, zero)
   )
   if num_chunks * chunk < size:
-    flat_st = apply(num_chunks * chunk, size - num_chunks * chunk, flat_st)
-  return tuple(x.reshape(shape) for x in flat_st)
-
-
-def _chunked_sum(fn, arrays, chunk, out_shape, dtype):
-  """Σ over chunks of `fn(*chunks)` (each a sum of shape `out_shape`)."""
-  size = arrays[0].size
-  if chunk is None or size <= chunk:
-    return fn(*arrays)
-  chunk = _even_chunk(size, chunk)
-  flats = [x.reshape(-1) for x in arrays]
-
-  def part(start, length):
-    return fn(*[jax.lax.dynamic_slice_in_dim(x, start, length) for x in flats])
-
-  num_chunks = size // chunk
-  # part(0, 0), not jnp.zeros: under shard_map the zero must vary over the
-  # same mesh axes as the sums the loop adds to it.
-  total = jax.lax.fori_loop(
-      0, num_chunks, lambda i, acc: acc + part(i * chunk, chunk), part(0, 0)
-  )
-  if num_chunks * chunk < size:
-    total = total + part(num_chunks * chunk, size - num_chunks * chunk)
-  return total
+    carry = apply(num_chunks * chunk, size - num_chunks * chunk, carry)
+  flat_st, total = carry
+  return tuple(x.reshape(shape) for x in flat_st), total
 
 
 def _tree_of_midpoints(lo, hi, levels):
@@ -206,11 +203,13 @@ def arturo(
     and η just becomes 5η/3 (``bisection_steps`` is then 0).
   * Memory: six state arrays per parameter (b, h, P00, P01, P11, λ), 3x
     Adam's state.
-  * Cost: the filter touches seven arrays and every bisection step is one
-    reduction over all parameters. With the tuned Fashion-MNIST values η
-    settles near 0.3, so after the first step (about 15 bisection steps)
-    the bracket [η/3, 3η] needs a single KL evaluation per step; the filter,
-    not the dual, dominates the step time.
+  * Cost: the filter touches eight arrays (λ included) and every bisection
+    pass is one reduction over all parameters; the first pass's midpoints
+    depend only on the last η, so the filter's pass evaluates their KL too
+    and only the later passes read memory again. With the tuned
+    Fashion-MNIST values η settles near 0.3, so after the first step (about
+    15 bisection steps) the bracket [η/3, 3η] needs a single KL evaluation
+    per step; the filter, not the dual, dominates the step time.
 
   ``update`` needs ``params`` (θ). Extra keyword arguments (``value=``
   included) are accepted and ignored. Diagnostics: ``eta``,
@@ -254,10 +253,11 @@ def arturo(
       each pass evaluates the KL at the 2^L - 1 midpoints the next L
       bisection steps can visit, in one fused reduction, then replays the
       bisection's decisions on those values. Same η bit for bit; fewer
-      passes, more arithmetic per pass. Default 1 (plain bisection): on the
+      passes, more arithmetic per pass (the filter's pass evaluates the
+      first 2^L - 1). Default 1 (plain bisection): on the
       CPU, where the step is compute- not memory-bound, and with the usual
       one bisection step per update, more levels did not pay.
-    chunk_size: ``"auto"`` (slices of about 65536 elements on the CPU
+    chunk_size: ``"auto"`` (slices of about 8192 elements on the CPU
       backend, a length that divides the leaf where one is near; whole
       arrays elsewhere), a positive int or ``None`` (whole arrays): the
       filter and the KL sums run slice by slice over larger leaves, which on
@@ -331,6 +331,8 @@ def arturo(
     grads = updates
     sdtype = state.eta.dtype
     chunk = utils.resolve_chunk_size(chunk_size)
+    if chunk_size == "auto" and chunk is not None:
+      chunk = _CPU_CHUNK_SIZE
     first = state.count == 0
     kl_value = kl_fn(state.count)
     eps = jnp.asarray(kl_value, sdtype)
@@ -340,14 +342,55 @@ def arturo(
     def cast(x, like):
       return jnp.asarray(x, like.dtype)
 
-    # Filter (one pass: reads g, θ and five state arrays, writes five).
+    def curvature(hh):
+      return jnp.maximum(hh, 0) if clip_curvature else hh
+
     def decayed(p, b):
       theta = p.astype(b.dtype)
       if use_decay:
         theta = theta - theta * (cast(eps, b) * cast(weight_decay, b))
       return theta
 
-    def filter_leaf(g, p, b, h, p00, p01, p11):
+    def new_mean(eta, p, b, h, lam):
+      theta = decayed(p, b)
+      temp = lam * eta
+      temp2 = curvature(h) + cast(reg_prior, b)
+      return theta, (temp * theta - b) / (temp2 + temp)
+
+    def kl_terms(etas, p, b, h, lam):
+      """Σ λ (μ_new(η_k) - θ)² over these elements, shape (K,)."""
+      shape = (etas.shape[0],) + (1,) * jnp.ndim(b)
+      theta, mu = new_mean(etas.reshape(shape).astype(b.dtype), p, b, h, lam)
+      axes = tuple(range(1, jnp.ndim(b) + 1))
+      return jnp.sum(jnp.square(theta - mu) * lam, axis=axes, dtype=sdtype)
+
+    def kl_total(parts, etas):
+      """½ Σ over leaves (and the mapped axis) of the leaves' `kl_terms`."""
+      total = sum(jax.tree.leaves(parts), jnp.zeros(etas.shape, sdtype))
+      if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+      return 0.5 * total
+
+    def kl_at(etas):
+      """½ Σ λ (μ_new(η_k) - θ)² for each η_k in `etas`, shape (K,)."""
+      parts = jax.tree.map(
+          lambda *xs: _chunked_pass(
+              lambda *c: ((), kl_terms(etas, *c)), xs, (), chunk)[1],
+          params, b, h, lam,
+      )
+      return kl_total(parts, etas)
+
+    tol = jnp.asarray(eta_tol, sdtype)
+    top = jnp.asarray(max_eta, sdtype)
+    lo = jnp.where(first, jnp.zeros([], sdtype), state.eta / 3)
+    hi = jnp.where(first, top, jnp.minimum(3 * state.eta, top))
+    # The midpoints of the bisection's first pass depend only on the last η:
+    # the filter's pass evaluates their KL too (whether or not the bisection
+    # runs), which saves a pass over memory per step.
+    first_mids = _tree_of_midpoints(lo, hi, levels_per_pass)
+
+    # Filter (one pass: reads g, θ, λ and five state arrays, writes five).
+    def filter_leaf(g, p, lam, b, h, p00, p01, p11):
       theta = decayed(p, b)
       g = g.astype(b.dtype)
       c0 = cast(start_filter_cov, b)
@@ -365,59 +408,32 @@ def arturo(
       # b and h take the innovation as δ / S, one shared division: b_new
       # then never reads h nor h_new b, so both update in place.
       scaled_innovation = (g - theta * h - b) / s
-      return (b + k0 * scaled_innovation, h + k1 * scaled_innovation,
-              p00 - gain0 * (s * gain0), p01 - gain0 * (s * gain1),
-              p11 - gain1 * (s * gain1))
+      b = b + k0 * scaled_innovation
+      h = h + k1 * scaled_innovation
+      new = (b, h, p00 - gain0 * (s * gain0), p01 - gain0 * (s * gain1),
+             p11 - gain1 * (s * gain1))
+      return new, kl_terms(first_mids, p, b, h, lam)
 
     filtered = jax.tree.map(
-        lambda g, p, *st: _chunked_update(filter_leaf, (g, p), st, chunk),
-        grads, params, state.b, state.h, state.p00, state.p01, state.p11,
+        lambda g, p, lam, *st: _chunked_pass(filter_leaf, (g, p, lam), st,
+                                             chunk),
+        grads, params, state.precision, state.b, state.h, state.p00,
+        state.p01, state.p11,
     )
     treedef = jax.tree.structure(params)
-    b, h, p00, p01, p11 = jax.tree.transpose(
-        treedef, jax.tree.structure((0,) * 5), filtered
+    (b, h, p00, p01, p11), first_parts = jax.tree.transpose(
+        treedef, jax.tree.structure(((0,) * 5, 0)), filtered
     )
     lam = state.precision
-
-    def curvature(hh):
-      return jnp.maximum(hh, 0) if clip_curvature else hh
-
-    def new_mean(eta, p, b, h, lam):
-      theta = decayed(p, b)
-      temp = lam * eta
-      temp2 = curvature(h) + cast(reg_prior, b)
-      return theta, (temp * theta - b) / (temp2 + temp)
-
-    def kl_at(etas):
-      """½ Σ λ (μ_new(η_k) - θ)² for each η_k in `etas`, shape (K,)."""
-
-      def terms(p, b, h, lam):
-        shape = (etas.shape[0],) + (1,) * jnp.ndim(b)
-        theta, mu = new_mean(etas.reshape(shape).astype(b.dtype), p, b, h, lam)
-        axes = tuple(range(1, jnp.ndim(b) + 1))
-        return jnp.sum(jnp.square(theta - mu) * lam, axis=axes, dtype=sdtype)
-
-      parts = jax.tree.leaves(jax.tree.map(
-          lambda *xs: _chunked_sum(terms, xs, chunk, (etas.shape[0],), sdtype),
-          params, b, h, lam,
-      ))
-      total = sum(parts, jnp.zeros(etas.shape, sdtype))
-      if axis_name is not None:
-        total = jax.lax.psum(total, axis_name)
-      return 0.5 * total
-
-    tol = jnp.asarray(eta_tol, sdtype)
-    top = jnp.asarray(max_eta, sdtype)
-    lo = jnp.where(first, jnp.zeros([], sdtype), state.eta / 3)
-    hi = jnp.where(first, top, jnp.minimum(3 * state.eta, top))
 
     def running(carry):
       lo, hi, _, done, _ = carry
       return jnp.logical_and(hi - lo > tol, jnp.logical_not(done))
 
-    def one_pass(carry):
+    def replay(carry, kls):
+      """The next `levels_per_pass` bisection steps, given the KL at the
+      midpoints they can visit (heap order, see `_tree_of_midpoints`)."""
       lo, hi, steps, done, kl = carry
-      kls = kl_at(_tree_of_midpoints(lo, hi, levels_per_pass))
       node = jnp.zeros([], jnp.int32)
       for _ in range(levels_per_pass):
         active = running((lo, hi, steps, done, kl))
@@ -432,11 +448,18 @@ def arturo(
         node = 2 * node + 1 + above.astype(jnp.int32)
       return lo, hi, steps, done, kl
 
-    lo, hi, steps, _, kl = jax.lax.while_loop(
-        running, one_pass,
+    def one_pass(carry):
+      lo, hi = carry[:2]
+      return replay(carry, kl_at(_tree_of_midpoints(lo, hi, levels_per_pass)))
+
+    # The first pass, from the filter's sums (a no-op when the bracket is
+    # already narrower than eta_tol: every level is then inactive).
+    carry = replay(
         (lo, hi, jnp.zeros([], jnp.int32), jnp.zeros([], jnp.bool_),
          state.kl),
+        kl_total(first_parts, first_mids),
     )
+    lo, hi, steps, _, kl = jax.lax.while_loop(running, one_pass, carry)
     eta = (lo + hi) / 2
 
     # Final pass: the step and the new precision.
