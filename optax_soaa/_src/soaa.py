@@ -170,11 +170,10 @@ def scale_by_soaa(
       sum_m2, sum_v = jax.lax.psum((sum_m2, sum_v), axis_name)
     fisher_ratio = sum_m2 / sum_v
 
-    # Pass 2: the trust-region direction (dt of step t-1).
+    # Pass 2: the trust-region direction (dt of step t-1). m̂, ŝ, v̂ are
+    # formed inside each consumer (the direction, and the predicted-reduction
+    # sum), so XLA never materialises them.
     dt = state.dt
-
-    # Pass 2 forms m̂, ŝ, v̂ inside each consumer (the direction, and the
-    # predicted-reduction sum), so XLA never materialises them.
     inv_bc1 = 1 / bc1
     inv_bc2 = 1 / bc2
 
