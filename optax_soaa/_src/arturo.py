@@ -58,65 +58,6 @@ def _stats_dtype(leaf: Any) -> jnp.dtype:
   return jnp.promote_types(jnp.asarray(leaf).dtype, jnp.float32)
 
 
-def _even_chunk(size, chunk):
-  """A slice length within [chunk/2, 3 chunk/2] that divides `size`.
-
-  A shorter last slice is handled outside the loop, where XLA resolves the
-  filter's cross-reads by copying whole state arrays: avoid it when such a
-  divisor exists (else `chunk`, with its last slice).
-  """
-  lo = -(-2 * size // (3 * chunk))
-  for count in range(max(1, lo), 2 * size // chunk + 1):
-    if size % count == 0:
-      return size // count
-  return chunk
-
-
-def _chunked_pass(fn, inputs, states, chunk):
-  """One pass over memory: `fn(*inputs, *states) -> (new_states, total)`.
-
-  `fn` is elementwise in its array arguments and `total` is a sum over them
-  (any fixed shape). Over a leaf larger than `chunk` the pass runs slice by
-  slice in a loop: `new_states` are written over `states` in place and the
-  slices' totals are added up. On the CPU backend XLA materialises every
-  subexpression shared by several outputs, and the operand of a reduction,
-  as a parameter-sized temporary, each costing more than a pass over memory;
-  slices of `chunk` elements keep them cache-sized.
-  """
-  size = (states or inputs)[0].size
-  if chunk is None or size <= chunk:
-    new, total = fn(*inputs, *states)
-    return tuple(new), total
-  shape = states[0].shape if states else None
-  chunk = _even_chunk(size, chunk)
-  flat_in = [x.reshape(-1) for x in inputs]
-  flat_st = tuple(x.reshape(-1) for x in states)
-
-  def apply(start, length, carry):
-    flat_st, total = carry
-    part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, length)
-    new, part_total = fn(*[part(x) for x in flat_in],
-                         *[part(x) for x in flat_st])
-    flat_st = tuple(
-        jax.lax.dynamic_update_slice_in_dim(x, n.astype(x.dtype), start, 0)
-        for x, n in zip(flat_st, new)
-    )
-    return flat_st, total + part_total
-
-  # The totals of empty slices, not jnp.zeros: under shard_map the zero must
-  # vary over the same mesh axes as the sums the loop adds to it.
-  empty = lambda x: x[:0]
-  _, zero = fn(*[empty(x) for x in flat_in], *[empty(x) for x in flat_st])
-  num_chunks = size // chunk
-  carry = jax.lax.fori_loop(
-      0, num_chunks, lambda i, c: apply(i * chunk, chunk, c), (flat_st, zero)
-  )
-  if num_chunks * chunk < size:
-    carry = apply(num_chunks * chunk, size - num_chunks * chunk, carry)
-  flat_st, total = carry
-  return tuple(x.reshape(shape) for x in flat_st), total
-
-
 def _tree_of_midpoints(lo, hi, levels):
   """Midpoints the bisection visits in `levels` steps from [lo, hi].
 
@@ -374,7 +315,7 @@ def arturo(
     def kl_at(etas):
       """½ Σ λ (μ_new(η_k) - θ)² for each η_k in `etas`, shape (K,)."""
       parts = jax.tree.map(
-          lambda *xs: _chunked_pass(
+          lambda *xs: utils.chunked_pass(
               lambda *c: ((), kl_terms(etas, *c)), xs, (), chunk)[1],
           params, b, h, lam,
       )
@@ -415,8 +356,8 @@ def arturo(
       return new, kl_terms(first_mids, p, b, h, lam)
 
     filtered = jax.tree.map(
-        lambda g, p, lam, *st: _chunked_pass(filter_leaf, (g, p, lam), st,
-                                             chunk),
+        lambda g, p, lam, *st: utils.chunked_pass(
+            filter_leaf, (g, p, lam), st, chunk),
         grads, params, state.precision, state.b, state.h, state.p00,
         state.p01, state.p11,
     )

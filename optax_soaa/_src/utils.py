@@ -132,27 +132,71 @@ def resolve_chunk_size(chunk_size: Any) -> Optional[int]:
   return None if chunk_size is None else int(chunk_size)
 
 
+def _even_chunk(size, chunk):
+  """A slice length within [chunk/2, 3 chunk/2] that divides `size`.
+
+  A shorter last slice is handled outside the loop, where XLA resolves the
+  filter's cross-reads by copying whole state arrays: avoid it when such a
+  divisor exists (else `chunk`, with its last slice).
+  """
+  lo = -(-2 * size // (3 * chunk))
+  for count in range(max(1, lo), 2 * size // chunk + 1):
+    if size % count == 0:
+      return size // count
+  return chunk
+
+
+def chunked_pass(fn, inputs, states, chunk, *, divide_evenly=True):
+  """One pass over memory: `fn(*inputs, *states) -> (new_states, total)`.
+
+  `fn` is elementwise in its array arguments and `total` is a sum over them
+  (any fixed shape). Over a leaf larger than `chunk` the pass runs slice by
+  slice in a loop: `new_states` are written over `states` in place and the
+  slices' totals are added up. On the CPU backend XLA materialises every
+  subexpression shared by several outputs, and the operand of a reduction,
+  as a parameter-sized temporary, each costing more than a pass over memory;
+  slices of `chunk` elements keep them cache-sized. With `divide_evenly`
+  the slice length is adjusted to divide the leaf where possible.
+  """
+  size = (states or inputs)[0].size
+  if chunk is None or size <= chunk:
+    new, total = fn(*inputs, *states)
+    return tuple(new), total
+  shape = states[0].shape if states else None
+  if divide_evenly:
+    chunk = _even_chunk(size, chunk)
+  flat_in = [x.reshape(-1) for x in inputs]
+  flat_st = tuple(x.reshape(-1) for x in states)
+
+  def apply(start, length, carry):
+    flat_st, total = carry
+    part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, length)
+    new, part_total = fn(*[part(x) for x in flat_in],
+                         *[part(x) for x in flat_st])
+    flat_st = tuple(
+        jax.lax.dynamic_update_slice_in_dim(x, n.astype(x.dtype), start, 0)
+        for x, n in zip(flat_st, new)
+    )
+    return flat_st, total + part_total
+
+  # The totals of empty slices, not jnp.zeros: under shard_map the zero must
+  # vary over the same mesh axes as the sums the loop adds to it.
+  empty = lambda x: x[:0]
+  _, zero = fn(*[empty(x) for x in flat_in], *[empty(x) for x in flat_st])
+  num_chunks = size // chunk
+  carry = jax.lax.fori_loop(
+      0, num_chunks, lambda i, c: apply(i * chunk, chunk, c), (flat_st, zero)
+  )
+  if num_chunks * chunk < size:
+    carry = apply(num_chunks * chunk, size - num_chunks * chunk, carry)
+  flat_st, total = carry
+  return tuple(x.reshape(shape) for x in flat_st), total
+
+
 def _leaf_sum(fn, leaves, dtype, chunk_size):
-  size = leaves[0].size
-  if chunk_size is None or size <= chunk_size:
-    return jnp.sum(fn(*leaves).astype(dtype), dtype=dtype)
-  flats = [x.reshape(-1) for x in leaves]
-  num_chunks = size // chunk_size
-
-  def body(i, acc):
-    parts = [jax.lax.dynamic_slice(f, (i * chunk_size,), (chunk_size,))
-             for f in flats]
-    return acc + jnp.sum(fn(*parts).astype(dtype), dtype=dtype)
-
-  # A zero computed from the leaves (an empty slice), not jnp.zeros: under
-  # shard_map it varies over the same mesh axes as the loop body's sums.
-  zero = jnp.sum(fn(*[f[:0] for f in flats]).astype(dtype), dtype=dtype)
-  total = jax.lax.fori_loop(0, num_chunks, body, zero)
-  rest = num_chunks * chunk_size
-  if rest < size:
-    tail = fn(*[f[rest:] for f in flats])
-    total = total + jnp.sum(tail.astype(dtype), dtype=dtype)
-  return total
+  def total(*xs):
+    return (), jnp.sum(fn(*xs).astype(dtype), dtype=dtype)
+  return chunked_pass(total, leaves, (), chunk_size, divide_evenly=False)[1]
 
 
 def tree_sum(
