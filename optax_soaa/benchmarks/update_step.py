@@ -53,6 +53,16 @@ OPTIMIZERS: Dict[str, Entry] = {
         ),
         _loss_value,
     ),
+    # Without `value=` SOAA keeps dt fixed and skips the predicted-reduction
+    # sum: these two entries measure what the trust-region feedback costs.
+    "soaa-variance-fixed-dt": Entry(
+        lambda: optax_soaa.soaa(1e-3, total_steps=10_000)
+    ),
+    "soaa-second_moment-fixed-dt": Entry(
+        lambda: optax_soaa.soaa(
+            1e-3, total_steps=10_000, curvature="second_moment"
+        )
+    ),
     # The reference's tuned Fashion-MNIST CNN configuration.
     "arturo": Entry(lambda: optax_soaa.arturo(**tasks.ARTURO_FMNIST)),
 }
