@@ -302,8 +302,8 @@ def arturo(
       """Σ λ (μ_new(η_k) - θ)² over these elements, shape (K,)."""
       shape = (etas.shape[0],) + (1,) * jnp.ndim(b)
       theta, mu = new_mean(etas.reshape(shape).astype(b.dtype), p, b, h, lam)
-      axes = tuple(range(1, jnp.ndim(b) + 1))
-      return jnp.sum(jnp.square(theta - mu) * lam, axis=axes, dtype=sdtype)
+      terms = jnp.square(theta - mu) * lam
+      return terms.reshape(etas.shape[0], -1).astype(sdtype)
 
     def kl_total(parts, etas):
       """½ Σ over leaves (and the mapped axis) of the leaves' `kl_terms`."""
@@ -316,7 +316,8 @@ def arturo(
       """½ Σ λ (μ_new(η_k) - θ)² for each η_k in `etas`, shape (K,)."""
       parts = jax.tree.map(
           lambda *xs: utils.chunked_pass(
-              lambda *c: ((), kl_terms(etas, *c)), xs, (), chunk)[1],
+              lambda *c: ((), kl_terms(etas, *c)), xs, (), chunk,
+              total_axis=1)[1],
           params, b, h, lam,
       )
       return kl_total(parts, etas)
@@ -353,11 +354,18 @@ def arturo(
       h = h + k1 * scaled_innovation
       new = (b, h, p00 - gain0 * (s * gain0), p01 - gain0 * (s * gain1),
              p11 - gain1 * (s * gain1))
-      return new, kl_terms(first_mids, p, b, h, lam)
+      return new, None
+
+    def filter_terms(g, p, lam, b, h, *unused):
+      # KL terms of the first midpoints at the filtered b, h (read back from
+      # the state arrays written in place; see `utils.chunked_pass`).
+      del g, unused
+      return kl_terms(first_mids, p, b, h, lam)
 
     filtered = jax.tree.map(
         lambda g, p, lam, *st: utils.chunked_pass(
-            filter_leaf, (g, p, lam), st, chunk),
+            filter_leaf, (g, p, lam), st, chunk, total_axis=1,
+            read_back=filter_terms),
         grads, params, state.precision, state.b, state.h, state.p00,
         state.p01, state.p11,
     )

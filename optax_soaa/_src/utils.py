@@ -147,7 +147,7 @@ def _even_chunk(size, chunk):
 
 
 def chunked_pass(fn, inputs, states, chunk, *, divide_evenly=True,
-                 total_axis=None):
+                 total_axis=None, read_back=None):
   """One pass over memory: `fn(*inputs, *states) -> (new_states, total)`.
 
   `fn` is elementwise in its array arguments and `total` is a sum over them
@@ -165,14 +165,22 @@ def chunked_pass(fn, inputs, states, chunk, *, divide_evenly=True,
   the CPU a reduction inside the loop is a separate kernel call per slice,
   whose fixed cost, not the arithmetic, dominated SOAA's predicted-reduction
   sum (at 10M parameters about 7.6 ms per step summed per slice, about half
-  that accumulated). Not for terms that read the `states` written in
-  place: XLA then copies whole state arrays on every slice (arTuRO's filter
-  keeps per-slice sums for that reason).
+  that accumulated).
+
+  With `read_back`, a function of the same arguments as `fn`, the terms come
+  from `read_back(*input_slices, *new_state_slices)`, the new states' slices
+  read back from the arrays they were just written into (`fn`'s own total is
+  ignored). Terms of the new states must be formed so: computed inside `fn`,
+  the accumulating fusion re-reads the old slices of arrays written in place
+  and XLA copies whole state arrays on every slice (arTuRO's filter pass ran
+  seven times slower that way).
   """
   size = (states or inputs)[0].size
   finish = lambda t: t if total_axis is None else jnp.sum(t, axis=total_axis)
   if chunk is None or size <= chunk:
     new, total = fn(*inputs, *states)
+    if read_back is not None:
+      total = read_back(*inputs, *new)
     return tuple(new), finish(total)
   shape = states[0].shape if states else None
   if divide_evenly:
@@ -189,6 +197,9 @@ def chunked_pass(fn, inputs, states, chunk, *, divide_evenly=True,
         jax.lax.dynamic_update_slice_in_dim(x, n.astype(x.dtype), start, 0)
         for x, n in zip(flat_st, new)
     )
+    if read_back is not None:
+      part_total = read_back(*[part(x) for x in flat_in],
+                             *[part(x) for x in flat_st])
     return flat_st, add(total, part_total)
 
   # The totals of empty (or, per element, zero-valued) slices rather than
@@ -197,6 +208,8 @@ def chunked_pass(fn, inputs, states, chunk, *, divide_evenly=True,
   num_chunks = size // chunk
   lead = lambda x: x[:chunk if total_axis is not None else 0]
   _, zero = fn(*[lead(x) for x in flat_in], *[lead(x) for x in flat_st])
+  if read_back is not None:
+    zero = read_back(*[lead(x) for x in flat_in], *[lead(x) for x in flat_st])
   if total_axis is not None:  # Zero-valued whatever the terms (inf, nan).
     zero = jnp.where(jnp.zeros(zero.shape, bool), zero, 0)
   carry = jax.lax.fori_loop(
