@@ -299,7 +299,7 @@ def arturo(
       return theta, (temp * theta - b) / (temp2 + temp)
 
     def kl_terms(etas, p, b, h, lam):
-      """Σ λ (μ_new(η_k) - θ)² over these elements, shape (K,)."""
+      """λ (μ_new(η_k) - θ)² per element, shape (K, size), unsummed."""
       shape = (etas.shape[0],) + (1,) * jnp.ndim(b)
       theta, mu = new_mean(etas.reshape(shape).astype(b.dtype), p, b, h, lam)
       terms = jnp.square(theta - mu) * lam
@@ -316,8 +316,7 @@ def arturo(
       """½ Σ λ (μ_new(η_k) - θ)² for each η_k in `etas`, shape (K,)."""
       parts = jax.tree.map(
           lambda *xs: utils.chunked_pass(
-              lambda *c: ((), kl_terms(etas, *c)), xs, (), chunk,
-              total_axis=1)[1],
+              None, lambda *c: kl_terms(etas, *c), xs, (), chunk)[1],
           params, b, h, lam,
       )
       return kl_total(parts, etas)
@@ -354,18 +353,16 @@ def arturo(
       h = h + k1 * scaled_innovation
       new = (b, h, p00 - gain0 * (s * gain0), p01 - gain0 * (s * gain1),
              p11 - gain1 * (s * gain1))
-      return new, None
+      return new
 
     def filter_terms(g, p, lam, b, h, *unused):
-      # KL terms of the first midpoints at the filtered b, h (read back from
-      # the state arrays written in place; see `utils.chunked_pass`).
+      # KL terms of the first midpoints at the filtered b, h.
       del g, unused
       return kl_terms(first_mids, p, b, h, lam)
 
     filtered = jax.tree.map(
         lambda g, p, lam, *st: utils.chunked_pass(
-            filter_leaf, (g, p, lam), st, chunk, total_axis=1,
-            read_back=filter_terms),
+            filter_leaf, filter_terms, (g, p, lam), st, chunk),
         grads, params, state.precision, state.b, state.h, state.p00,
         state.p01, state.p11,
     )

@@ -146,90 +146,81 @@ def _even_chunk(size, chunk):
   return chunk
 
 
-def chunked_pass(fn, inputs, states, chunk, *, divide_evenly=True,
-                 total_axis=None, read_back=None):
-  """One pass over memory: `fn(*inputs, *states) -> (new_states, total)`.
+def chunked_pass(update, terms, inputs, states, chunk, *, divide_evenly=True):
+  """One pass over memory: new states and the sum of `terms`, slice by slice.
 
-  `fn` is elementwise in its array arguments and `total` is a sum over them
-  (any fixed shape). Over a leaf larger than `chunk` the pass runs slice by
-  slice in a loop: `new_states` are written over `states` in place and the
-  slices' totals are added up. On the CPU backend XLA materialises every
-  subexpression shared by several outputs, and the operand of a reduction,
-  as a parameter-sized temporary, each costing more than a pass over memory;
-  slices of `chunk` elements keep them cache-sized. With `divide_evenly`
-  the slice length is adjusted to divide the leaf where possible.
+  `update(*inputs, *states)` returns the new states (elementwise; `None` when
+  there are no states) and `terms(*inputs, *new_states)` the terms to sum,
+  the elements along its last axis (any fixed leading shape). Returns the
+  new states and the terms summed over that last axis.
 
-  With `total_axis` (an int), `fn` returns its terms *unsummed* along that
-  axis, which runs over the slice's elements: the loop adds them up
-  elementwise in a slice-long accumulator and sums it once at the end. On
-  the CPU a reduction inside the loop is a separate kernel call per slice,
-  whose fixed cost, not the arithmetic, dominated SOAA's predicted-reduction
-  sum (at 10M parameters about 7.6 ms per step summed per slice, about half
-  that accumulated).
-
-  With `read_back`, a function of the same arguments as `fn`, the terms come
-  from `read_back(*input_slices, *new_state_slices)`, the new states' slices
-  read back from the arrays they were just written into (`fn`'s own total is
-  ignored). Terms of the new states must be formed so: computed inside `fn`,
-  the accumulating fusion re-reads the old slices of arrays written in place
-  and XLA copies whole state arrays on every slice (arTuRO's filter pass ran
-  seven times slower that way).
+  Over a leaf larger than `chunk` the pass runs slice by slice in a loop: the
+  new states are written over `states` in place and the slices' terms are
+  added up element by element in a slice-long accumulator, summed once at
+  the end. On the CPU backend XLA materialises every subexpression shared by
+  several outputs, and the operand of a reduction, as a parameter-sized
+  temporary, each costing more than a pass over memory; slices of `chunk`
+  elements keep them cache-sized. A reduction inside the loop would be a
+  separate kernel call per slice, whose fixed cost, not the arithmetic,
+  dominated SOAA's predicted-reduction sum (at 10M parameters about 7.6 ms
+  per step summed per slice, about half that accumulated). `terms` reads the
+  new states' slices back from the arrays they were just written into:
+  formed from the old slices, the accumulating fusion re-reads arrays
+  written in place and XLA copies whole state arrays on every slice
+  (arTuRO's filter pass ran seven times slower that way). With
+  `divide_evenly` the slice length is adjusted to divide the leaf where
+  possible.
   """
+  def new_states(*xs):
+    return () if update is None else tuple(update(*xs))
+
+  def total(*xs):
+    return jnp.sum(terms(*xs), axis=-1)
+
   size = (states or inputs)[0].size
-  finish = lambda t: t if total_axis is None else jnp.sum(t, axis=total_axis)
   if chunk is None or size <= chunk:
-    new, total = fn(*inputs, *states)
-    if read_back is not None:
-      total = read_back(*inputs, *new)
-    return tuple(new), finish(total)
+    new = new_states(*inputs, *states)
+    return new, total(*inputs, *new)
   shape = states[0].shape if states else None
   if divide_evenly:
     chunk = _even_chunk(size, chunk)
   flat_in = [x.reshape(-1) for x in inputs]
   flat_st = tuple(x.reshape(-1) for x in states)
 
-  def apply(start, length, carry, add=lambda total, part: total + part):
-    flat_st, total = carry
+  def write(start, length, flat_st):
     part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, length)
-    new, part_total = fn(*[part(x) for x in flat_in],
-                         *[part(x) for x in flat_st])
+    new = new_states(*[part(x) for x in flat_in], *[part(x) for x in flat_st])
     flat_st = tuple(
         jax.lax.dynamic_update_slice_in_dim(x, n.astype(x.dtype), start, 0)
         for x, n in zip(flat_st, new)
     )
-    if read_back is not None:
-      part_total = read_back(*[part(x) for x in flat_in],
-                             *[part(x) for x in flat_st])
-    return flat_st, add(total, part_total)
+    return flat_st, [part(x) for x in flat_in] + [part(x) for x in flat_st]
 
-  # The totals of empty (or, per element, zero-valued) slices rather than
-  # jnp.zeros: under shard_map the zero must vary over the same mesh axes as
-  # the sums the loop adds to it.
+  def body(i, carry):
+    flat_st, acc = carry
+    flat_st, slices = write(i * chunk, chunk, flat_st)
+    return flat_st, acc + terms(*slices)
+
+  # A zero-valued accumulator derived from the terms, not jnp.zeros: under
+  # shard_map it must vary over the same mesh axes as the terms added to it
+  # (and `where` keeps it zero whatever the terms: inf, nan).
+  lead = [x[:chunk] for x in flat_in] + [x[:chunk] for x in flat_st]
+  lead_terms = terms(*lead)
+  zero = jnp.where(jnp.zeros(lead_terms.shape, bool), lead_terms, 0)
   num_chunks = size // chunk
-  lead = lambda x: x[:chunk if total_axis is not None else 0]
-  _, zero = fn(*[lead(x) for x in flat_in], *[lead(x) for x in flat_st])
-  if read_back is not None:
-    zero = read_back(*[lead(x) for x in flat_in], *[lead(x) for x in flat_st])
-  if total_axis is not None:  # Zero-valued whatever the terms (inf, nan).
-    zero = jnp.where(jnp.zeros(zero.shape, bool), zero, 0)
-  carry = jax.lax.fori_loop(
-      0, num_chunks, lambda i, c: apply(i * chunk, chunk, c), (flat_st, zero)
-  )
-  flat_st, total = carry
-  total = finish(total)
+  flat_st, acc = jax.lax.fori_loop(0, num_chunks, body, (flat_st, zero))
+  result = jnp.sum(acc, axis=-1)
   if num_chunks * chunk < size:
-    flat_st, total = apply(
-        num_chunks * chunk, size - num_chunks * chunk, (flat_st, total),
-        add=lambda total, part: total + finish(part),
-    )
-  return tuple(x.reshape(shape) for x in flat_st), total
+    flat_st, slices = write(num_chunks * chunk, size - num_chunks * chunk,
+                            flat_st)
+    result = result + total(*slices)
+  return tuple(x.reshape(shape) for x in flat_st), result
 
 
 def _leaf_sum(fn, leaves, dtype, chunk_size):
-  def terms(*xs):
-    return (), jnp.ravel(fn(*xs).astype(dtype))
   return chunked_pass(
-      terms, leaves, (), chunk_size, divide_evenly=False, total_axis=0
+      None, lambda *xs: jnp.ravel(fn(*xs).astype(dtype)), leaves, (),
+      chunk_size, divide_evenly=False,
   )[1]
 
 
