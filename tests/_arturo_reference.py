@@ -103,6 +103,9 @@ class ReferenceArturo:
     self.eta = (lo + hi) / 2
     self.bisection_steps = steps
     mus = new_mean(self.eta)
+    # The λ this step used: what arturo's state holds (it forms λ_new at the
+    # start of the next step).
+    self.step_precision = self.precision
     self.precision = [
         (h + rp + self.nu * lam) / (self.reg_weight + self.nu)
         for h, lam in zip(self.h, self.precision)

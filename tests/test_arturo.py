@@ -63,9 +63,11 @@ def _run_against_reference(hp, steps, *, loss_scale=1.0, **options):
     np.testing.assert_allclose(float(state.eta), ref.eta, rtol=rtol)
     assert int(state.bisection_steps) == ref.bisection_steps
     np.testing.assert_allclose(float(state.kl), ref.kl, rtol=rtol)
-    for name in ("b", "h", "p00", "p01", "p11", "precision"):
+    for name, ref_name in (("b", "b"), ("h", "h"), ("p00", "p00"),
+                           ("p01", "p01"), ("p11", "p11"),
+                           ("precision", "step_precision")):
       for got, want in zip(
-          jax.tree.leaves(getattr(state, name)), getattr(ref, name)
+          jax.tree.leaves(getattr(state, name)), getattr(ref, ref_name)
       ):
         np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-12,
                                    err_msg=name)

@@ -26,7 +26,9 @@ class ArturoState(NamedTuple):
   p00: optax.Updates  # like params, F: filter covariance of b.
   p01: optax.Updates  # like params, F: filter covariance of (b, h).
   p11: optax.Updates  # like params, F: filter covariance of h.
-  precision: optax.Updates  # like params, F: search precision λ.
+  precision: optax.Updates  # like params, F: search precision λ the last
+  # step used (λ_new of that step is formed at the start of the next one,
+  # from this λ and h; see "Precision" in `arturo`'s docstring).
   eta: jax.Array  # shape=(), S: dual variable η of the last step.
   bisection_steps: jax.Array  # shape=(), int32: bisection iterations of
   # the last step (KL evaluations, whatever the passes over memory).
@@ -36,13 +38,13 @@ class ArturoState(NamedTuple):
 
 
 # See `levels_per_pass` in `arturo`'s docstring.
-_DEFAULT_LEVELS_PER_PASS = 1
+_DEFAULT_LEVELS_PER_PASS = 2
 
 # The slice length "auto" uses on the CPU backend, shorter than
-# `utils.CPU_CHUNK_SIZE`: the filter streams thirteen arrays and its
+# `utils.CPU_CHUNK_SIZE`: the filter streams fourteen arrays and its
 # temporaries, which must stay cache-resident (at 10M parameters slices of
-# about 8K elements ran the step about 1.7x faster than 64K ones; see
-# benchmarks/update_step.py).
+# about 8K elements ran the update-step benchmark's step about 1.2x faster
+# than 16K ones, chunk_size=16384).
 _CPU_CHUNK_SIZE = 8192
 
 
@@ -142,15 +144,25 @@ def arturo(
   * ``eta_tol`` is absolute: once η < 3·eta_tol/8 (0.1875 for 0.5) the
     bracket [η/3, 3η] is already narrower than eta_tol, no KL is evaluated,
     and η just becomes 5η/3 (``bisection_steps`` is then 0).
+  * Precision: the state's ``precision`` is the λ the last step used, not
+    that step's λ_new: λ_new is formed at the start of the next step, from
+    the stored λ and h (the h that step filtered), in the filter's pass.
+    The numbers are the reference's; only when λ_new is formed moves, which
+    lets the final pass read λ without writing it (on the CPU, writing it
+    there made XLA copy λ whole every step). Under
+    ``optax.inject_hyperparams``, λ_new is then formed with the next step's
+    ρ, p0 and ν (the same unless those are scheduled).
   * Memory: six state arrays per parameter (b, h, P00, P01, P11, λ), 3x
     Adam's state.
-  * Cost: the filter touches eight arrays (λ included) and every bisection
-    pass is one reduction over all parameters; the first pass's midpoints
-    depend only on the last η, so the filter's pass evaluates their KL too
-    and only the later passes read memory again. With the tuned
-    Fashion-MNIST values η settles near 0.3, so after the first step (about
-    15 bisection steps) the bracket [η/3, 3η] needs a single KL evaluation
-    per step; the filter, not the dual, dominates the step time.
+  * Cost: the filter's pass reads g, θ and the six state arrays and writes
+    the six; the final pass reads θ, b, h, λ and writes the step. Every
+    bisection pass reads θ, b, h, λ for one reduction over all parameters;
+    the first pass's midpoints depend only on the last η, so the filter's
+    pass evaluates their KL too and only the later passes read memory
+    again. With ``levels_per_pass = 2`` the filter's pass decides the first
+    two bisection steps. With the tuned Fashion-MNIST values η settles near
+    0.3 and the bracket [η/3, 3η] needs a single KL evaluation per step;
+    the filter, not the dual, dominates the step time.
 
   ``update`` needs ``params`` (θ). Extra keyword arguments (``value=``
   included) are accepted and ignored. Diagnostics: ``eta``,
@@ -195,9 +207,10 @@ def arturo(
       bisection steps can visit, in one fused reduction, then replays the
       bisection's decisions on those values. Same η bit for bit; fewer
       passes, more arithmetic per pass (the filter's pass evaluates the
-      first 2^L - 1). Default 1 (plain bisection): on the
-      CPU, where the step is compute- not memory-bound, and with the usual
-      one bisection step per update, more levels did not pay.
+      first 2^L - 1). Default 2: the filter's pass is bound by memory,
+      not arithmetic, so its three KL evaluations cost little, and a step
+      that needs up to four bisection steps reads memory once more at most
+      (the update-step benchmark times 1 level too: ``arturo-1-level``).
     chunk_size: ``"auto"`` (slices of about 8192 elements on the CPU
       backend, a length that divides the leaf where one is near; whole
       arrays elsewhere), a positive int or ``None`` (whole arrays): the
@@ -330,8 +343,18 @@ def arturo(
     # runs), which saves a pass over memory per step.
     first_mids = _tree_of_midpoints(lo, hi, levels_per_pass)
 
-    # Filter (one pass: reads g, θ, λ and five state arrays, writes five).
+    def next_precision(h, lam):
+      """λ_new = (h + ρ p0 + ν λ) / (ρ + ν), from the filtered h."""
+      return (curvature(h) + cast(reg_prior, h) + lam * cast(nu, lam)) / (
+          cast(reg_weight, lam) + cast(nu, lam)
+      )
+
+    # Filter (one pass: reads g, θ and six state arrays, writes them). The
+    # last step's λ_new is formed here, from the h that step filtered: the
+    # final pass then reads λ without writing it (written there, XLA copied
+    # λ whole every step to keep the old values for the step).
     def filter_leaf(g, p, lam, b, h, p00, p01, p11):
+      lam = jnp.where(first, lam, next_precision(h, lam))
       theta = decayed(p, b)
       g = g.astype(b.dtype)
       c0 = cast(start_filter_cov, b)
@@ -351,26 +374,25 @@ def arturo(
       scaled_innovation = (g - theta * h - b) / s
       b = b + k0 * scaled_innovation
       h = h + k1 * scaled_innovation
-      new = (b, h, p00 - gain0 * (s * gain0), p01 - gain0 * (s * gain1),
-             p11 - gain1 * (s * gain1))
-      return new
+      return (lam, b, h, p00 - gain0 * (s * gain0),
+              p01 - gain0 * (s * gain1), p11 - gain1 * (s * gain1))
 
     def filter_terms(g, p, lam, b, h, *unused):
       # KL terms of the first midpoints at the filtered b, h.
       del g, unused
       return kl_terms(first_mids, p, b, h, lam)
 
+    # h's old slice is read by λ's update and by the filter's (h is states[2]).
     filtered = jax.tree.map(
-        lambda g, p, lam, *st: utils.chunked_pass(
-            filter_leaf, filter_terms, (g, p, lam), st, chunk),
+        lambda g, p, *st: utils.chunked_pass(
+            filter_leaf, filter_terms, (g, p), st, chunk, carried=(2,)),
         grads, params, state.precision, state.b, state.h, state.p00,
         state.p01, state.p11,
     )
     treedef = jax.tree.structure(params)
-    (b, h, p00, p01, p11), first_parts = jax.tree.transpose(
-        treedef, jax.tree.structure(((0,) * 5, 0)), filtered
+    (lam, b, h, p00, p01, p11), first_parts = jax.tree.transpose(
+        treedef, jax.tree.structure(((0,) * 6, 0)), filtered
     )
-    lam = state.precision
 
     def running(carry):
       lo, hi, _, done, _ = carry
@@ -408,19 +430,12 @@ def arturo(
     lo, hi, steps, _, kl = jax.lax.while_loop(running, one_pass, carry)
     eta = (lo + hi) / 2
 
-    # Final pass: the step and the new precision.
+    # Final pass: the step.
     def final_leaf(g, p, b, h, lam):
       _, mu = new_mean(eta.astype(b.dtype), p, b, h, lam)
-      temp2 = curvature(h) + cast(reg_prior, b)
-      new_lam = (temp2 + lam * cast(nu, lam)) / (
-          cast(reg_weight, lam) + cast(nu, lam)
-      )
-      return (mu - p.astype(b.dtype)).astype(g.dtype), new_lam
+      return (mu - p.astype(b.dtype)).astype(g.dtype)
 
-    finals = jax.tree.map(final_leaf, grads, params, b, h, lam)
-    new_updates, new_lam = jax.tree.transpose(
-        treedef, jax.tree.structure((0,) * 2), finals
-    )
+    new_updates = jax.tree.map(final_leaf, grads, params, b, h, lam)
 
     new_state = ArturoState(
         count=numerics.safe_int32_increment(state.count),
@@ -429,7 +444,7 @@ def arturo(
         p00=p00,
         p01=p01,
         p11=p11,
-        precision=new_lam,
+        precision=lam,
         eta=eta,
         bisection_steps=steps,
         kl=kl,

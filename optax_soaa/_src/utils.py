@@ -146,7 +146,8 @@ def _even_chunk(size, chunk):
   return chunk
 
 
-def chunked_pass(update, terms, inputs, states, chunk, *, divide_evenly=True):
+def chunked_pass(update, terms, inputs, states, chunk, *, carried=(),
+                 divide_evenly=True):
   """One pass over memory: new states and the sum of `terms`, slice by slice.
 
   `update(*inputs, *states)` returns the new states (elementwise; `None` when
@@ -163,13 +164,19 @@ def chunked_pass(update, terms, inputs, states, chunk, *, divide_evenly=True):
   elements keep them cache-sized. A reduction inside the loop would be a
   separate kernel call per slice, whose fixed cost, not the arithmetic,
   dominated SOAA's predicted-reduction sum (at 10M parameters about 7.6 ms
-  per step summed per slice, about half that accumulated). `terms` reads the
-  new states' slices back from the arrays they were just written into:
-  formed from the old slices, the accumulating fusion re-reads arrays
-  written in place and XLA copies whole state arrays on every slice
-  (arTuRO's filter pass ran seven times slower that way). With
-  `divide_evenly` the slice length is adjusted to divide the leaf where
-  possible.
+  per step summed per slice, about half that accumulated).
+
+  In-place writes need care: when a fusion that is not an input of a
+  state's write reads that state's old slice, XLA copies the whole state
+  array on every slice to keep the old values. So `terms` reads the new
+  states' slices back from the arrays they were just written into (formed
+  from the old slices, arTuRO's filter pass ran seven times slower), and
+  the states listed in `carried` (indices into `states`) reach `update`
+  through the loop carry instead: each slice is read from the array after
+  the write before it, so the update may read it in any number of fusions
+  (arTuRO's λ and h both read the old h). A carried state costs one more
+  slice copy per iteration. With `divide_evenly` the slice length is
+  adjusted to divide the leaf where possible.
   """
   def new_states(*xs):
     return () if update is None else tuple(update(*xs))
@@ -186,34 +193,57 @@ def chunked_pass(update, terms, inputs, states, chunk, *, divide_evenly=True):
     chunk = _even_chunk(size, chunk)
   flat_in = [x.reshape(-1) for x in inputs]
   flat_st = tuple(x.reshape(-1) for x in states)
+  num_chunks = size // chunk
+  # A shorter last slice of states runs in the loop, as a full slice that
+  # ends at the leaf's end and keeps the elements it shares with the slice
+  # before (outside the loop, XLA would copy whole state arrays to order its
+  # reads and writes); a shorter last slice of a plain sum runs after it.
+  ragged = bool(states) and size % chunk != 0
+  num_chunks += ragged
 
-  def write(start, length, flat_st):
-    part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, length)
-    new = new_states(*[part(x) for x in flat_in], *[part(x) for x in flat_st])
-    flat_st = tuple(
-        jax.lax.dynamic_update_slice_in_dim(x, n.astype(x.dtype), start, 0)
-        for x, n in zip(flat_st, new)
-    )
-    return flat_st, [part(x) for x in flat_in] + [part(x) for x in flat_st]
+  def start_of(i):
+    return jnp.minimum(i * chunk, size - chunk) if ragged else i * chunk
+
+  def part(x, start):
+    return jax.lax.dynamic_slice_in_dim(x, start, chunk)
+
+  carried = tuple(carried)
 
   def body(i, carry):
-    flat_st, acc = carry
-    flat_st, slices = write(i * chunk, chunk, flat_st)
-    return flat_st, acc + terms(*slices)
+    flat_st, current, acc = carry
+    start = start_of(i)
+    ins = [part(x, start) for x in flat_in]
+    olds = [part(x, start) for x in flat_st]
+    for k, c in zip(carried, current):
+      olds[k] = c
+    new = tuple(n.astype(x.dtype)
+                for n, x in zip(new_states(*ins, *olds), flat_st))
+    if ragged:
+      fresh = start + jax.lax.iota(jnp.int32, chunk) >= i * chunk
+      new = tuple(jnp.where(fresh, n, c) for n, c in zip(new, olds))
+    flat_st = tuple(
+        jax.lax.dynamic_update_slice_in_dim(x, n, start, 0)
+        for x, n in zip(flat_st, new)
+    )
+    # The next slices, read after this one's write (see the docstring).
+    current = tuple(part(flat_st[k], start_of(i + 1)) for k in carried)
+    slice_terms = terms(*ins, *[part(x, start) for x in flat_st])
+    if ragged:
+      slice_terms = jnp.where(fresh, slice_terms, 0)
+    return flat_st, current, acc + slice_terms
 
   # A zero-valued accumulator derived from the terms, not jnp.zeros: under
   # shard_map it must vary over the same mesh axes as the terms added to it
   # (and `where` keeps it zero whatever the terms: inf, nan).
-  lead = [x[:chunk] for x in flat_in] + [x[:chunk] for x in flat_st]
+  lead = [part(x, 0) for x in flat_in] + [part(x, 0) for x in flat_st]
   lead_terms = terms(*lead)
   zero = jnp.where(jnp.zeros(lead_terms.shape, bool), lead_terms, 0)
-  num_chunks = size // chunk
-  flat_st, acc = jax.lax.fori_loop(0, num_chunks, body, (flat_st, zero))
+  current = tuple(part(flat_st[k], 0) for k in carried)
+  flat_st, _, acc = jax.lax.fori_loop(
+      0, num_chunks, body, (flat_st, current, zero))
   result = jnp.sum(acc, axis=-1)
-  if num_chunks * chunk < size:
-    flat_st, slices = write(num_chunks * chunk, size - num_chunks * chunk,
-                            flat_st)
-    result = result + total(*slices)
+  if not states and size % chunk:
+    result = result + total(*[x[num_chunks * chunk:] for x in flat_in])
   return tuple(x.reshape(shape) for x in flat_st), result
 
 

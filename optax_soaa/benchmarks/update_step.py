@@ -65,6 +65,10 @@ OPTIMIZERS: Dict[str, Entry] = {
     ),
     # The reference's tuned Fashion-MNIST CNN configuration.
     "arturo": Entry(lambda: optax_soaa.arturo(**tasks.ARTURO_FMNIST)),
+    # Plain bisection (one level per pass): what the default's two cost.
+    "arturo-1-level": Entry(
+        lambda: optax_soaa.arturo(**tasks.ARTURO_FMNIST, levels_per_pass=1)
+    ),
 }
 
 
