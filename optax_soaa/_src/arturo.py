@@ -357,12 +357,11 @@ def arturo(
       lam = jnp.where(first, lam, next_precision(h, lam))
       theta = decayed(p, b)
       g = g.astype(b.dtype)
-      c0 = cast(start_filter_cov, b)
+      # At t = 1 the filter starts from b = g; `init` already holds the
+      # first step's h, P00, P01 and P11.
       b = jnp.where(first, g, b)
-      h = jnp.where(first, cast(0.1, h), h)
-      p00 = jnp.where(first, c0, p00) + cast(dynamic_model_noise, b)
-      p11 = jnp.where(first, c0, p11) + cast(dynamic_model_noise, b)
-      p01 = jnp.where(first, jnp.zeros_like(p01), p01)
+      p00 = p00 + cast(dynamic_model_noise, b)
+      p11 = p11 + cast(dynamic_model_noise, b)
       k0 = p00 + p01 * theta
       k1 = p01 + p11 * theta
       s = k0 + k1 * theta + cast(measurement_noise, b)
