@@ -263,7 +263,8 @@ plt.show()
 # %% [markdown]
 # The state holds more than the diagnostics: per parameter, the filter's
 # estimates of the gradient model `g ~ h θ + b` (`b`, `h`), its covariances
-# (`p00`, `p01`, `p11`) and the search precision `λ` (`precision`): six
+# (`p00`, `p01`, `p11`) and the search precision `λ` the last step used
+# (`precision`; each step first forms its successor from it and `h`): six
 # arrays per parameter, three times Adam's state.
 
 # %%
