@@ -135,8 +135,8 @@ def resolve_chunk_size(chunk_size: Any) -> Optional[int]:
 def _even_chunk(size, chunk):
   """A slice length within [chunk/2, 3 chunk/2] that divides `size`.
 
-  A shorter last slice is handled outside the loop, where XLA resolves the
-  filter's cross-reads by copying whole state arrays: avoid it when such a
+  A shorter last slice of states runs in the loop as an overlapping,
+  masked slice, whose selects cost every slice: avoid it when such a
   divisor exists (else `chunk`, with its last slice).
   """
   lo = -(-2 * size // (3 * chunk))
