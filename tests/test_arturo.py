@@ -77,9 +77,12 @@ def _run_against_reference(hp, steps, *, loss_scale=1.0, **options):
   return ref
 
 
+# "auto": the fused CPU kernels (native.py) where they can run; None: XLA
+# over whole arrays (the next test runs XLA's slice loops).
+@pytest.mark.parametrize("chunk_size", ["auto", None])
 @pytest.mark.usefixtures("x64")
-def test_matches_float64_reference_fmnist_hyperparameters():
-  ref = _run_against_reference(FMNIST, 45)
+def test_matches_float64_reference_fmnist_hyperparameters(chunk_size):
+  ref = _run_against_reference(FMNIST, 45, chunk_size=chunk_size)
   assert ref.count == 45
 
 

@@ -53,15 +53,17 @@ REFERENCE_CASES = {
 }
 
 
+# "auto": the fused CPU kernels (native.py) where they can run; None: XLA.
+@pytest.mark.parametrize("reduction_chunk_size", ["auto", None])
 @pytest.mark.parametrize("case", list(REFERENCE_CASES))
-def test_matches_numpy_reference(case, x64):
+def test_matches_numpy_reference(case, reduction_chunk_size, x64):
   cfg = REFERENCE_CASES[case]
   hp = dict(b1=0.9, b2=0.99, gamma=0.1, eps=1e-8,
             weight_decay=cfg["weight_decay"], total_steps=50,
             curvature=cfg["curvature"])
   lr = (optax.cosine_decay_schedule(0.05, 40, alpha=0.1) if cfg["schedule"]
         else 0.05)
-  opt = optax_soaa.soaa(lr, **hp)
+  opt = optax_soaa.soaa(lr, **hp, reduction_chunk_size=reduction_chunk_size)
   params = _params(jnp.float64)
   leaves, treedef = jax.tree.flatten(params)
   np_params = [np.asarray(x, np.float64) for x in leaves]

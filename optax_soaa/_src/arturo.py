@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from optax_soaa._src import native
 from optax_soaa._src import utils
 
 
@@ -211,13 +212,16 @@ def arturo(
       midpoints instead of one at little extra cost, and a step that needs
       up to four bisection steps reads memory once more at most (the
       update-step benchmark times 1 level too: ``arturo-1-level``).
-    chunk_size: ``"auto"`` (slices of about 8192 elements on the CPU
-      backend, a length that divides the leaf where one is near; whole
-      arrays elsewhere), a positive int or ``None`` (whole arrays): the
-      filter and the KL sums run slice by slice over larger leaves, which on
-      the CPU avoids parameter-sized temporaries. Only the summation order
-      of the KL differs. An int here must be a static arg of
-      ``optax.inject_hyperparams``.
+    chunk_size: how the filter's pass and the KL sums run. ``"auto"``: on
+      a single CPU device, with every leaf and state float32 or float64,
+      as fused, multi-threaded kernels (``optax_soaa._src.native``:
+      compiled at first use, XLA otherwise), each one read of its arrays;
+      elsewhere on the CPU, XLA slice loops of about 8192 elements (a length
+      that divides the leaf where one is near); whole arrays on GPU/TPU. A
+      positive int: XLA slice loops of that length (on the CPU they avoid
+      parameter-sized temporaries); ``None``: XLA over whole arrays. Only
+      the summation order of the KL differs. An int here must be a static
+      arg of ``optax.inject_hyperparams``.
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are split; the KL sums are then ``psum``-ed over it.
 
@@ -287,6 +291,10 @@ def arturo(
     chunk = utils.resolve_chunk_size(chunk_size)
     if chunk_size == "auto" and chunk is not None:
       chunk = _CPU_CHUNK_SIZE
+    # The fused CPU kernels (see `chunk_size`): all leaves and states in one
+    # dtype, float32 or float64.
+    use_native = chunk_size == "auto" and native.usable(
+        *jax.tree.leaves((grads, params, state.b)))
     first = state.count == 0
     kl_value = kl_fn(state.count)
     eps = jnp.asarray(kl_value, sdtype)
@@ -306,6 +314,11 @@ def arturo(
       if use_decay:
         theta = theta - theta * (cast(eps, b) * cast(weight_decay, b))
       return theta
+
+    def kl_scalars(b):
+      """[ρ p0, decay, clip, use_decay] for the fused kernels."""
+      decay = cast(eps, b) * cast(weight_decay, b) if use_decay else 0.0
+      return [cast(reg_prior, b), decay, clip_curvature, use_decay]
 
     def new_mean(eta, p, b, h, lam):
       theta = decayed(p, b)
@@ -328,6 +341,13 @@ def arturo(
 
     def kl_at(etas):
       """½ Σ λ (μ_new(η_k) - θ)² for each η_k in `etas`, shape (K,)."""
+      if use_native:
+        parts = jax.tree.map(
+            lambda p, b, h, lam: native.arturo_kl(
+                p, b, h, lam, kl_scalars(b), etas).astype(sdtype),
+            params, b, h, lam,
+        )
+        return kl_total(parts, etas)
       parts = jax.tree.map(
           lambda *xs: utils.chunked_pass(
               None, lambda *c: kl_terms(etas, *c), xs, (), chunk)[1],
@@ -382,8 +402,20 @@ def arturo(
       del g, unused
       return kl_terms(first_mids, p, b, h, lam)
 
+    def native_filter(g, p, *st):
+      b = st[1]
+      new, sums = native.arturo_filter(
+          g, p, st,
+          [first, cast(dynamic_model_noise, b), cast(measurement_noise, b),
+           cast(reg_prior, b), cast(nu, b), cast(reg_weight, b),
+           *kl_scalars(b)[1:]],
+          first_mids,
+      )
+      return tuple(new), sums.astype(sdtype)
+
     # h's old slice is read by λ's update and by the filter's (h is states[2]).
     filtered = jax.tree.map(
+        native_filter if use_native else
         lambda g, p, *st: utils.chunked_pass(
             filter_leaf, filter_terms, (g, p), st, chunk, carried=(2,)),
         grads, params, state.precision, state.b, state.h, state.p00,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from optax_soaa._src import native
 from optax_soaa._src import utils
 
 CURVATURES = ("variance", "second_moment")
@@ -70,12 +71,17 @@ def scale_by_soaa(
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are *split*; the global sums are then ``psum``-ed over it.
       Leave ``None`` for replicated data parallelism and for sharded ``jit``.
-    reduction_chunk_size: how the predicted-reduction sum is evaluated:
-      ``"auto"`` (slices of 16384 elements when tracing for a single CPU
-      device, where XLA would otherwise allocate a parameter-sized temporary
-      each step; one fused sum on GPU/TPU and with several devices, where
-      slicing sharded leaves would gather them), an int, or ``None`` (always
-      one sum). Only the summation order differs.
+    reduction_chunk_size: how the passes over memory run. ``"auto"``: on a
+      single CPU device, with the leaves and moments all float32 or all
+      float64, the two passes XLA cannot fuse there (the moments with the
+      sums of ``r``, and the predicted-reduction sum) run as fused,
+      multi-threaded kernels (``optax_soaa._src.native``: compiled at first
+      use, XLA otherwise); elsewhere on the CPU the predicted-reduction sum
+      runs in slices of 16384 elements (XLA would allocate a
+      parameter-sized temporary each step); on GPU/TPU and with several
+      devices, one fused sum (slicing sharded leaves would gather them). An
+      int: XLA, slices of that length; ``None``: XLA, one sum. Only the
+      summation order differs.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes the
@@ -141,31 +147,64 @@ def scale_by_soaa(
     # bias corrections and eps come out of the sums as scalars
     # (Σ m̂² = Σ m² / bc1², Σ (v̂ + eps) = Σ v / bc2 + n eps) so the sums read
     # the new moments directly, with no full-size temporary.
-    mu = optax.tree.update_moment(grads, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
-    if use_variance:
-      # In exact arithmetic g - m̂ = 0 at t = 1 (m̂ = g); computed, it is
-      # rounding noise that the ratio r then divides by its own sum, so the
-      # first step is set to the exact value. (Written through the previous
-      # moment instead, XLA would copy that donated buffer every step.)
-      first = count_inc == 1
+    def xla_moments():
+      mu = optax.tree.update_moment(grads, state.mu, b1, 1)
+      nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
+      if use_variance:
+        # In exact arithmetic g - m̂ = 0 at t = 1 (m̂ = g); computed, it is
+        # rounding noise that the ratio r then divides by its own sum, so the
+        # first step is set to the exact value. (Written through the previous
+        # moment instead, XLA would copy that donated buffer every step.)
+        first = count_inc == 1
 
-      def variance(g, m, v):
-        deviation = jnp.where(first, 0, g - m / bc1.astype(m.dtype))
-        return b2 * v + (1 - b2) * jnp.square(deviation)
+        def variance(g, m, v):
+          deviation = jnp.where(first, 0, g - m / bc1.astype(m.dtype))
+          return b2 * v + (1 - b2) * jnp.square(deviation)
 
-      curv = jax.tree.map(variance, grads, mu, state.curvature)
-      curv = optax.tree.cast_like(curv, state.curvature)
-    else:
-      curv = None
-    mu = optax.tree.cast(mu, mu_dtype)
-    nu = optax.tree.cast_like(nu, state.nu)
-    v_state = curv if use_variance else nu
-    sum_m2 = utils.tree_sum(jnp.square, mu, dtype=sdtype) / jnp.square(bc1)
-    sum_v = (
-        utils.tree_sum(lambda v: v, v_state, dtype=sdtype) / bc2
-        + utils.tree_size(v_state) * eps_
-    )
+        curv = jax.tree.map(variance, grads, mu, state.curvature)
+        curv = optax.tree.cast_like(curv, state.curvature)
+      else:
+        curv = None
+      mu = optax.tree.cast(mu, mu_dtype)
+      nu = optax.tree.cast_like(nu, state.nu)
+      v_state = curv if use_variance else nu
+      sum_m2 = utils.tree_sum(jnp.square, mu, dtype=sdtype) / jnp.square(bc1)
+      sum_v = (
+          utils.tree_sum(lambda v: v, v_state, dtype=sdtype) / bc2
+          + utils.tree_size(v_state) * eps_
+      )
+      return mu, nu, curv, v_state, sum_m2, sum_v
+
+    def native_moments():
+      # One fused pass per leaf (native.py): the moments in place, Σ m² and
+      # Σ v; the same arithmetic, summed in another order.
+      scalars = [1 - b1, b1, 1 - b2, b2, bc1, count_inc == 1]
+      if use_variance:
+        moments = jax.tree.map(
+            lambda g, m, s, v: native.soaa_moments(g, m, s, v, scalars),
+            grads, state.mu, state.nu, state.curvature)
+      else:
+        def without_v(g, m, s):
+          m, s, _, sums = native.soaa_moments(g, m, s, None, scalars)
+          return m, s, sums
+
+        moments = jax.tree.map(without_v, grads, state.mu, state.nu)
+      moments = jax.tree.transpose(
+          jax.tree.structure(grads),
+          jax.tree.structure((0,) * (4 if use_variance else 3)), moments)
+      mu, nu, sums = moments[0], moments[1], moments[-1]
+      curv = moments[2] if use_variance else None
+      sums = sum(jax.tree.leaves(sums), jnp.zeros([2], sdtype))
+      sum_m2 = sums[0] / jnp.square(bc1)
+      sum_v = sums[1] / bc2 + utils.tree_size(grads) * eps_
+      return mu, nu, curv, (curv if use_variance else nu), sum_m2, sum_v
+
+    # The fused CPU kernels where `reduction_chunk_size` is "auto" and every
+    # leaf and moment has one dtype, float32 or float64.
+    use_native = reduction_chunk_size == "auto" and native.usable(
+        *jax.tree.leaves((grads, state.mu, state.nu, state.curvature)))
+    mu, nu, curv, v_state, sum_m2, sum_v = (
+        native_moments() if use_native else xla_moments())
     if axis_name is not None:
       sum_m2, sum_v = jax.lax.psum((sum_m2, sum_v), axis_name)
     fisher_ratio = sum_m2 / sum_v
@@ -216,10 +255,19 @@ def scale_by_soaa(
       lower = (1 - gamma_) ** exponent
       upper = 1 + gamma_**exponent
       new_dt = jnp.clip(new_trust_ratio * dt, lower, upper)
-      new_pr = lr * utils.tree_sum(
-          predicted_reduction_terms, mu, nu, v_state, dtype=sdtype,
-          axis_name=axis_name, chunk_size=chunk_size,
-      )
+      if use_native:
+        new_pr = lr * sum(
+            (native.soaa_predicted_reduction(
+                m, s, v, [inv_bc1, inv_bc2, 1 + fisher_ratio, dt, eps_],
+            ).astype(sdtype)
+             for m, s, v in zip(*map(jax.tree.leaves, (mu, nu, v_state)))),
+            jnp.zeros([], sdtype),
+        )
+      else:
+        new_pr = lr * utils.tree_sum(
+            predicted_reduction_terms, mu, nu, v_state, dtype=sdtype,
+            axis_name=axis_name, chunk_size=chunk_size,
+        )
       keep = lambda new, old: jnp.where(finite, new, old)
       loss_avg = keep(new_loss_avg, loss_avg)
       dt = keep(new_dt, dt)

@@ -1,0 +1,253 @@
+"""Fused CPU kernels for the optimizers' passes over memory (XLA FFI).
+
+On a single CPU device XLA cannot fuse a pass that both updates state arrays
+and sums over them: it re-reads the arrays in separate kernels, or runs the
+slice loops optax_soaa otherwise uses on one core. The kernels in
+``cpu_kernels.cc`` do each such pass (arTuRO's filter and KL sums,
+SOAA's moments and predicted-reduction sum) in one multi-threaded read, the
+states updated in place. The optimizers use them where their chunking option
+is ``"auto"``, the step is traced for a single CPU device, and the leaves
+involved are all float32 or all float64; everything else runs on XLA.
+
+The kernels are compiled at first use with the system's C++ compiler (``CXX``,
+else ``g++``, ``c++`` or ``clang++``) against the FFI headers that ship with
+jaxlib, for the machine they run on (``-march=native``), and cached in
+``$OPTAX_SOAA_CACHE_DIR`` (default ``~/.cache/optax_soaa``), keyed by the
+source, the compiler, jax's version and the CPU. Without a compiler, or when
+the build fails, a warning says why and the XLA path is used. Set
+``OPTAX_SOAA_NATIVE=0`` to always use the XLA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = pathlib.Path(__file__).parent / "cpu_kernels.cc"
+_FLAGS = (
+    "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared",
+    "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
+)
+_KERNELS = {
+    # target stem: C++ symbol stem
+    "arturo_filter": "OptaxSoaaArturoFilter",
+    "arturo_kl": "OptaxSoaaArturoKl",
+    "soaa_moments": "OptaxSoaaSoaaMoments",
+    "soaa_predicted_reduction": "OptaxSoaaSoaaPredictedReduction",
+}
+_DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+
+def _compiler() -> Optional[str]:
+  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cpu_signature() -> str:
+  """The CPU the build targets (-march=native): model and feature flags."""
+  parts = [platform.machine()]
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith(("model name", "flags", "Features")):
+          parts.append(line.strip())
+        if len(parts) >= 3:
+          break
+  except OSError:
+    parts.append(platform.processor())
+  return "\n".join(parts)
+
+
+def cache_dir() -> pathlib.Path:
+  default = pathlib.Path(
+      os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")
+  ) / "optax_soaa"
+  return pathlib.Path(os.environ.get("OPTAX_SOAA_CACHE_DIR", default))
+
+
+def _build(compiler: str) -> pathlib.Path:
+  """The compiled library's path, compiling it if the cache lacks it."""
+  version = subprocess.run(
+      [compiler, "--version"], capture_output=True, text=True, check=True
+  ).stdout
+  key = hashlib.sha256(
+      "\0".join([
+          _SOURCE.read_text(encoding="utf-8"), " ".join(_FLAGS), version,
+          jax.__version__, _cpu_signature(),
+      ]).encode()
+  ).hexdigest()[:20]
+  directory = cache_dir()
+  library = directory / f"cpu_kernels-{key}.so"
+  if library.exists():
+    return library
+  directory.mkdir(parents=True, exist_ok=True)
+  # Built under a temporary name and renamed: concurrent processes (pytest
+  # -n, several workers) each build their own and one rename wins.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+  os.close(fd)
+  try:
+    result = subprocess.run(
+        [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE),
+         "-o", tmp],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+      raise RuntimeError(
+          f"{compiler} failed (exit {result.returncode}):\n"
+          + result.stderr[-2000:]
+      )
+    os.replace(tmp, library)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return library
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the fused CPU kernels are built, loaded and registered.
+
+  Builds them on the first call (a few seconds; cached across processes).
+  False when disabled by ``OPTAX_SOAA_NATIVE=0``, or, with a warning, when
+  no C++ compiler is found or the build fails.
+  """
+  if os.environ.get("OPTAX_SOAA_NATIVE", "1").strip().lower() in (
+      "0", "false", "no", "off"):
+    return False
+  compiler = _compiler()
+  if compiler is None:
+    warnings.warn(
+        "optax_soaa: no C++ compiler found (set CXX, or install g++), so the "
+        "fused CPU kernels are not built; using the XLA path, which is "
+        "slower on the CPU. Set OPTAX_SOAA_NATIVE=0 to silence this.",
+        RuntimeWarning, stacklevel=2,
+    )
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    for stem, symbol in _KERNELS.items():
+      for dtype_name in _DTYPES.values():
+        jax.ffi.register_ffi_target(
+            _target_name(stem, dtype_name),
+            jax.ffi.pycapsule(getattr(library, symbol + dtype_name.upper())),
+            platform="cpu",
+        )
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    warnings.warn(
+        f"optax_soaa: building the fused CPU kernels failed ({e}); using "
+        "the XLA path, which is slower on the CPU. Set OPTAX_SOAA_NATIVE=0 "
+        "to silence this.",
+        RuntimeWarning, stacklevel=2,
+    )
+    return False
+  return True
+
+
+def _target_name(stem: str, dtype_name: str) -> str:
+  return f"optax_soaa_{stem}_{dtype_name}"
+
+
+def usable(*arrays: Any) -> bool:
+  """Whether a step over `arrays` (traced now) can use the kernels.
+
+  Checked at trace time: a single CPU device, and every array float32 or
+  every array float64.
+  """
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    return False
+  dtypes = {np.dtype(x.dtype) for x in arrays}
+  if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
+    return False
+  return available()
+
+
+def _call(stem: str, inputs: Sequence[jax.Array], num_states: int,
+          num_sums: int, state_offset: int):
+  """Calls kernel `stem` on flattened `inputs`; states alias their outputs.
+
+  The states are inputs[state_offset : state_offset + num_states]; returns
+  their new values (in the inputs' shapes) and the sums (a vector).
+  """
+  # The kernels see every array as flat, in its row-major layout. No
+  # reshape here: XLA copied a reshaped (bitcast) state whole to alias it.
+  dtype = np.dtype(inputs[0].dtype)
+  states = inputs[state_offset:state_offset + num_states]
+  out_types = [jax.ShapeDtypeStruct(x.shape, dtype) for x in states]
+  out_types.append(jax.ShapeDtypeStruct((num_sums,), dtype))
+  outs = jax.ffi.ffi_call(
+      _target_name(stem, _DTYPES[dtype]), out_types,
+      input_output_aliases={state_offset + k: k for k in range(num_states)},
+      vmap_method="sequential",
+  )(*inputs)
+  return list(outs[:num_states]), outs[num_states]
+
+
+def _scalars(values: Sequence[Any], dtype: Any) -> jax.Array:
+  return jnp.stack([jnp.asarray(v).astype(dtype) for v in values])
+
+
+def arturo_filter(g, p, states, scalars, etas):
+  """arTuRO's filter pass over one leaf; see `ArturoFilterImpl`.
+
+  states: (λ, b, h, P00, P01, P11); scalars: [first, q, R, ρ p0, ν, ρ,
+  decay, clip, use_decay]. Returns the new states and the unhalved KL sums
+  at `etas`.
+  """
+  dtype = g.dtype
+  return _call(
+      "arturo_filter",
+      [g, p, *states, _scalars(scalars, dtype), etas.astype(dtype)],
+      num_states=6, num_sums=etas.shape[0], state_offset=2,
+  )
+
+
+def arturo_kl(p, b, h, lam, scalars, etas):
+  """Unhalved KL sums at `etas` over one leaf; scalars: [ρ p0, decay, clip,
+  use_decay]."""
+  dtype = p.dtype
+  return _call(
+      "arturo_kl",
+      [p, b, h, lam, _scalars(scalars, dtype), etas.astype(dtype)],
+      num_states=0, num_sums=etas.shape[0], state_offset=0,
+  )[1]
+
+
+def soaa_moments(g, m, s, v, scalars):
+  """SOAA's moment pass over one leaf: new (m, s, v) and [Σ m², Σ v].
+
+  `v` is None for curvature="second_moment" (Σ v is then Σ s).
+  scalars: [1 - b1, b1, 1 - b2, b2, bc1, first].
+  """
+  dtype = g.dtype
+  variance = v is not None
+  placeholder = jnp.zeros((1,), dtype)
+  inputs = [g, m, s, v if variance else placeholder,
+            _scalars([*scalars, variance], dtype)]
+  (m, s, v), sums = _call("soaa_moments", inputs, num_states=3, num_sums=2,
+                          state_offset=1)
+  return m, s, (v if variance else None), sums
+
+
+def soaa_predicted_reduction(m, s, v, scalars):
+  """Σ u (m̂ - ½ v̂ u) over one leaf; scalars: [1/bc1, 1/bc2, 1 + r, dt,
+  eps]."""
+  dtype = m.dtype
+  return _call(
+      "soaa_predicted_reduction", [m, s, v, _scalars(scalars, dtype)],
+      num_states=0, num_sums=1, state_offset=0,
+  )[1][0]

@@ -1,0 +1,228 @@
+"""The fused CPU kernels (optax_soaa/_src/native.py) against the XLA path.
+
+With `chunk_size` / `reduction_chunk_size` "auto" on a single CPU device the
+optimizers run their passes over memory in the kernels; an explicit value
+(None here: whole arrays) keeps them on XLA. Both must give the same steps:
+the same arithmetic, summed in another order.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_soaa
+from optax_soaa._src import native
+from optax_soaa.benchmarks import tasks
+
+requires_kernels = pytest.mark.skipif(
+    native._compiler() is None or os.environ.get("OPTAX_SOAA_NATIVE") == "0",
+    reason="no C++ compiler, or the kernels are disabled",
+)
+
+
+def _params(dtype=jnp.float32):
+  # A leaf larger than a kernel block (4096) with a ragged last block, a
+  # small one and a scalar.
+  return {
+      "w": jnp.linspace(-1.0, 1.0, 9009, dtype=dtype).reshape(9, 1001),
+      "b": jnp.linspace(0.5, -0.3, 37, dtype=dtype),
+      "s": jnp.asarray(0.2, dtype),
+  }
+
+
+def _run(opt, params, steps, with_value):
+  def loss_fn(p):
+    return sum(jnp.sum(jnp.sin(3 * x) + 0.5 * x**2) for x in jax.tree.leaves(p))
+
+  @jax.jit
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    extra = {"value": loss} if with_value else {}
+    updates, state = opt.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  history = []
+  for _ in range(steps):
+    params, state = step(params, state)
+    history.append(state)
+  return params, history
+
+
+def _custom_calls(opt, params, with_value=False):
+  extra = {"value": jnp.float32(1.0)} if with_value else {}
+  text = jax.jit(lambda g, s, p: opt.update(g, s, p, **extra)).lower(
+      params, opt.init(params), params).compile().as_text()
+  return set(re.findall(r'custom_call_target="(optax_soaa_\w+)"', text))
+
+
+@requires_kernels
+def test_kernels_build_and_register():
+  assert native.available()
+
+
+@requires_kernels
+@pytest.mark.parametrize("options", [
+    {},
+    {"weight_decay": 1e-3},
+    {"clip_curvature": True, "levels_per_pass": 1},
+    {"levels_per_pass": 3},
+])
+def test_arturo_kernels_match_xla(options):
+  hp = {**tasks.ARTURO_FMNIST, **options}
+  params = _params()
+  fused = optax_soaa.arturo(**hp)
+  assert _custom_calls(fused, params) == {
+      "optax_soaa_arturo_filter_f32", "optax_soaa_arturo_kl_f32"}
+  plain = optax_soaa.arturo(**hp, chunk_size=None)
+  assert _custom_calls(plain, params) == set()
+  p_fused, h_fused = _run(fused, params, 12, False)
+  p_plain, h_plain = _run(plain, params, 12, False)
+  steps = [int(s.bisection_steps) for s in h_plain]
+  assert max(steps) > levels_of(hp), steps  # bisection passes ran too
+  for a, b in zip(h_fused, h_plain):
+    assert int(a.bisection_steps) == int(b.bisection_steps)
+    np.testing.assert_allclose(a.eta, b.eta, rtol=1e-6)
+    np.testing.assert_allclose(a.kl, b.kl, rtol=1e-4)
+  for name in ("b", "h", "p00", "p01", "p11", "precision"):
+    chex.assert_trees_all_close(getattr(h_fused[-1], name),
+                                getattr(h_plain[-1], name),
+                                rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(p_fused, p_plain, rtol=1e-5, atol=1e-6)
+
+
+def levels_of(hp):
+  return hp.get("levels_per_pass") or 2
+
+
+@requires_kernels
+@pytest.mark.parametrize("curvature", ["variance", "second_moment"])
+@pytest.mark.parametrize("with_value", [True, False])
+def test_soaa_kernels_match_xla(curvature, with_value):
+  kw = dict(total_steps=50, curvature=curvature, weight_decay=1e-3)
+  params = _params()
+  fused = optax_soaa.soaa(0.05, **kw)
+  expected = {"optax_soaa_soaa_moments_f32"}
+  if with_value:
+    expected.add("optax_soaa_soaa_predicted_reduction_f32")
+  assert _custom_calls(fused, params, with_value) == expected
+  plain = optax_soaa.soaa(0.05, **kw, reduction_chunk_size=None)
+  p_fused, h_fused = _run(fused, params, 15, with_value)
+  p_plain, h_plain = _run(plain, params, 15, with_value)
+  for a, b in zip(h_fused, h_plain):
+    a, b = a[0], b[0]
+    for name in ("dt", "predicted_reduction", "fisher_ratio", "trust_ratio"):
+      np.testing.assert_allclose(getattr(a, name), getattr(b, name),
+                                 rtol=1e-5, err_msg=name)
+  last_fused, last_plain = h_fused[-1][0], h_plain[-1][0]
+  chex.assert_trees_all_close(
+      (last_fused.mu, last_fused.nu, last_fused.curvature),
+      (last_plain.mu, last_plain.nu, last_plain.curvature),
+      rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(p_fused, p_plain, rtol=1e-5, atol=1e-6)
+  if with_value:
+    assert len({float(s[0].dt) for s in h_fused}) > 3  # dt moved
+
+
+@requires_kernels
+@pytest.mark.usefixtures("x64")
+def test_float64_kernels_match_xla():
+  params = _params(jnp.float64)
+  for make in (
+      lambda **o: optax_soaa.arturo(**tasks.ARTURO_FMNIST, **o),
+      lambda **o: optax_soaa.soaa(
+          0.05, total_steps=50,
+          **{("reduction_chunk_size" if k == "chunk_size" else k): v
+             for k, v in o.items()}),
+  ):
+    fused, plain = make(), make(chunk_size=None)
+    assert any(name.endswith("_f64") for name in _custom_calls(fused, params))
+    p_fused, _ = _run(fused, params, 10, True)
+    p_plain, _ = _run(plain, params, 10, True)
+    chex.assert_trees_all_close(p_fused, p_plain, rtol=1e-12, atol=1e-14)
+
+
+@requires_kernels
+def test_mixed_dtypes_stay_on_xla():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
+  assert _custom_calls(optax_soaa.arturo(**tasks.ARTURO_FMNIST), params) == set()
+  soaa = optax_soaa.soaa(0.05, total_steps=10, mu_dtype=jnp.bfloat16)
+  assert _custom_calls(soaa, _params(), True) == set()
+
+
+@requires_kernels
+@pytest.mark.parametrize("name", ["arturo", "soaa-variance", "soaa-second_moment"])
+def test_donated_step_updates_state_in_place(name):
+  # The kernels write the states into their (donated) buffers: no
+  # parameter-sized copy may appear around them.
+  params = {"w": jnp.ones((128, 128)), "v": jnp.ones((64, 256)),
+            "b": jnp.ones((128,))}
+  if name == "arturo":
+    opt, extra = optax_soaa.arturo(**tasks.ARTURO_FMNIST), {}
+  else:
+    opt = optax_soaa.soaa(1e-3, total_steps=100,
+                          curvature=name.split("-")[1])
+    extra = {"value": jnp.float32(1.0)}
+
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  grads = jax.tree.map(lambda p: 1e-3 * p, params)
+  text = step.lower(params, opt.init(params), grads).compile().as_text()
+  assert "custom_call_target=\"optax_soaa_" in text
+  copies = [line for line in text.splitlines()
+            if re.search(r"= f32\[(128,128|64,256)\]\S* copy\(", line)]
+  assert copies == []
+
+
+def _python(code, **env):
+  return subprocess.run(
+      [sys.executable, "-c", textwrap.dedent(code)],
+      capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+  )
+
+
+@requires_kernels
+def test_build_is_cached_and_can_be_disabled(tmp_path):
+  code = """
+      import warnings
+      warnings.simplefilter("error")
+      from optax_soaa._src import native
+      print(native.available())
+  """
+  cache = str(tmp_path / "cache")
+  built = _python(code, OPTAX_SOAA_CACHE_DIR=cache)
+  assert built.stdout.strip() == "True", built.stderr
+  assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]
+  disabled = _python(code, OPTAX_SOAA_CACHE_DIR=cache, OPTAX_SOAA_NATIVE="0")
+  assert disabled.stdout.strip() == "False", disabled.stderr
+
+
+def test_failed_build_warns_and_falls_back(tmp_path):
+  code = """
+      import warnings
+      import jax.numpy as jnp
+      import optax_soaa
+      from optax_soaa._src import native
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = optax_soaa.soaa(0.1, total_steps=10)
+        params = {"w": jnp.ones((3,))}
+        opt.update(params, opt.init(params), params, value=1.0)
+      print(native.available(), [str(w.message)[:40] for w in caught])
+  """
+  result = _python(code, OPTAX_SOAA_CACHE_DIR=str(tmp_path), CXX="false")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("False"), result.stdout
+  assert "optax_soaa: building the fused CPU" in result.stdout
