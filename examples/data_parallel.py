@@ -72,9 +72,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def make_optimizer(name: str, learning_rate: float, total_steps: int):
-  # On CPU the optimizers sum leaves larger than 64k elements slice by slice;
-  # slicing a sharded leaf makes XLA gather it whole, which defeats FSDP, so
-  # across several devices the sums run over whole (sharded) leaves.
+  # On one CPU device "auto" runs the fused CPU kernels (or slice loops);
+  # either would make XLA gather a sharded leaf whole, which defeats FSDP, so
+  # across several devices the passes run over whole (sharded) leaves.
   chunk = "auto" if jax.device_count() == 1 else None
   if name == "soaa":
     return optax_soaa.soaa(learning_rate, total_steps=total_steps,

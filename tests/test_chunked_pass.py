@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import optax_soaa
+from optax_soaa._src import native
 from optax_soaa._src import utils
 from optax_soaa.benchmarks import tasks
 
@@ -70,18 +71,27 @@ def _large_copies(step, params, state, grads, min_elements):
   return copies
 
 
-@pytest.mark.parametrize("name", ["arturo", "soaa"])
-def test_donated_step_writes_state_in_place(name):
-  # Slices of 512 over leaves of 16384: the loops the CPU default runs at
-  # scale. A whole-array copy here (XLA keeping old values a fusion still
-  # reads) cost arTuRO 2x to 7x in time on the update-step benchmark.
+@pytest.mark.parametrize("chunk", [
+    512,
+    pytest.param("auto", marks=pytest.mark.skipif(
+        not native.available(), reason="no fused CPU kernels here")),
+])
+@pytest.mark.parametrize(
+    "name", ["arturo", "soaa-variance", "soaa-second_moment"])
+def test_donated_step_writes_state_in_place(name, chunk):
+  # Slices of 512 over leaves of 16384: the loops the CPU's XLA path runs
+  # at scale; "auto": the fused CPU kernels, which write the states into
+  # their donated buffers. A whole-array copy here (XLA keeping old values
+  # a fusion still reads) cost arTuRO 2x to 7x in time on the update-step
+  # benchmark.
   params = {"w": jnp.ones((128, 128)), "v": jnp.ones((64, 256)),
             "b": jnp.ones((128,))}
   if name == "arturo":
-    opt = optax_soaa.arturo(**tasks.ARTURO_FMNIST, chunk_size=512)
+    opt = optax_soaa.arturo(**tasks.ARTURO_FMNIST, chunk_size=chunk)
     extra = {}
   else:
-    opt = optax_soaa.soaa(1e-3, total_steps=100, reduction_chunk_size=512)
+    opt = optax_soaa.soaa(1e-3, total_steps=100, reduction_chunk_size=chunk,
+                          curvature=name.split("-")[1])
     extra = {"value": jnp.float32(1.0)}
 
   def step(params, state, grads):
@@ -90,4 +100,7 @@ def test_donated_step_writes_state_in_place(name):
 
   step = jax.jit(step, donate_argnums=(0, 1))
   grads = jax.tree.map(lambda p: 1e-3 * p, params)
-  assert _large_copies(step, params, opt.init(params), grads, 16384) == []
+  state = opt.init(params)
+  text = step.lower(params, state, grads).compile().as_text()
+  assert ('custom_call_target="optax_soaa_' in text) == (chunk == "auto")
+  assert _large_copies(step, params, state, grads, 16384) == []

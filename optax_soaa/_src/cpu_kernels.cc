@@ -360,62 +360,40 @@ ffi::Error SoaaPredictedReductionImpl(ffi::ThreadPool pool,
 
 }  // namespace
 
-#define OPTAX_SOAA_DEFINE(SUFFIX, DT)                                        \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                             \
-      OptaxSoaaArturoFilter##SUFFIX, ArturoFilterImpl<DT>,                   \
-      ffi::Ffi::Bind()                                                       \
-          .Ctx<ffi::ThreadPool>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>());                                          \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                             \
-      OptaxSoaaArturoKl##SUFFIX, ArturoKlImpl<DT>,                           \
-      ffi::Ffi::Bind()                                                       \
-          .Ctx<ffi::ThreadPool>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>());                                          \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                             \
-      OptaxSoaaSoaaMoments##SUFFIX, SoaaMomentsImpl<DT>,                     \
-      ffi::Ffi::Bind()                                                       \
-          .Ctx<ffi::ThreadPool>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>());                                          \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                             \
-      OptaxSoaaSoaaPredictedReduction##SUFFIX,                               \
-      SoaaPredictedReductionImpl<DT>,                                        \
-      ffi::Ffi::Bind()                                                       \
-          .Ctx<ffi::ThreadPool>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Arg<ffi::Buffer<DT>>()                                            \
-          .Ret<ffi::Buffer<DT>>());
+// A handler's binding: the thread pool, then `kArgs` buffers in and `kRets`
+// out, all of dtype DT (`XLA_FFI_DEFINE_HANDLER_SYMBOL` calls `To(impl)`).
+template <ffi::DataType DT, int kArgs, int kRets, typename B, typename Fn>
+auto BindBuffers(B&& binding, Fn fn) {
+  if constexpr (kArgs > 0) {
+    return BindBuffers<DT, kArgs - 1, kRets>(
+        std::move(binding).template Arg<ffi::Buffer<DT>>(), fn);
+  } else if constexpr (kRets > 0) {
+    return BindBuffers<DT, 0, kRets - 1>(
+        std::move(binding).template Ret<ffi::Buffer<DT>>(), fn);
+  } else {
+    return std::move(binding).To(fn);
+  }
+}
+
+template <ffi::DataType DT, int kArgs, int kRets>
+struct Buffers {
+  template <typename Fn>
+  auto To(Fn fn) const {
+    return BindBuffers<DT, kArgs, kRets>(
+        ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(), fn);
+  }
+};
+
+#define OPTAX_SOAA_DEFINE(SUFFIX, DT)                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(OptaxSoaaArturoFilter##SUFFIX,            \
+                                ArturoFilterImpl<DT>, (Buffers<DT, 10, 7>{})); \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(OptaxSoaaArturoKl##SUFFIX, ArturoKlImpl<DT>, \
+                                (Buffers<DT, 6, 1>{}));                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(OptaxSoaaSoaaMoments##SUFFIX,             \
+                                SoaaMomentsImpl<DT>, (Buffers<DT, 5, 4>{})); \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(OptaxSoaaSoaaPredictedReduction##SUFFIX,  \
+                                SoaaPredictedReductionImpl<DT>,           \
+                                (Buffers<DT, 4, 1>{}));
 
 OPTAX_SOAA_DEFINE(F32, ffi::DataType::F32)
 OPTAX_SOAA_DEFINE(F64, ffi::DataType::F64)

@@ -28,6 +28,9 @@ import numpy as np
 import optax
 
 import optax_soaa
+from optax_soaa._src import arturo as arturo_lib
+from optax_soaa._src import native
+from optax_soaa._src import utils
 from optax_soaa.benchmarks import tasks
 
 
@@ -69,7 +72,35 @@ OPTIMIZERS: Dict[str, Entry] = {
     "arturo-1-level": Entry(
         lambda: optax_soaa.arturo(**tasks.ARTURO_FMNIST, levels_per_pass=1)
     ),
+    # The XLA path, as "auto" runs it where the fused CPU kernels cannot:
+    # what the kernels buy (the same rows as above otherwise).
+    "soaa-variance-xla": Entry(
+        lambda: optax_soaa.soaa(
+            1e-3, total_steps=10_000, reduction_chunk_size=_xla_chunk()),
+        _loss_value,
+    ),
+    "soaa-second_moment-xla": Entry(
+        lambda: optax_soaa.soaa(
+            1e-3, total_steps=10_000, curvature="second_moment",
+            reduction_chunk_size=_xla_chunk()),
+        _loss_value,
+    ),
+    "arturo-xla": Entry(
+        lambda: optax_soaa.arturo(
+            **tasks.ARTURO_FMNIST,
+            chunk_size=_xla_chunk(arturo_lib._CPU_CHUNK_SIZE)),  # pylint: disable=protected-access
+    ),
 }
+
+
+def _xla_chunk(cpu_chunk: int = utils.CPU_CHUNK_SIZE) -> Optional[int]:
+  """The slice length "auto" uses when the fused CPU kernels cannot run."""
+  return None if utils.resolve_chunk_size("auto") is None else cpu_chunk
+
+
+def fused_kernels_in_use() -> bool:
+  """Whether "auto" runs the fused CPU kernels here (float32 params)."""
+  return utils.resolve_chunk_size("auto") is not None and native.available()
 
 
 def make_params(num_params: int, seed: int = 0) -> Dict[str, jax.Array]:
@@ -208,7 +239,9 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
       f"update+apply step, {results['num_params']:,} params, {pairs} pairs, "
       f"{args.steps_per_timing} steps per timing, backend="
       f"{jax.default_backend()} ({jax.devices()[0].device_kind}), "
-      f"{platform.processor() or platform.machine()}, jax {jax.__version__}"
+      f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
+      f"fused CPU kernels {'on' if fused_kernels_in_use() else 'off'} "
+      "(the -xla rows never use them)"
   )
   print(header)
   print(format_table(results))
