@@ -199,3 +199,27 @@ def test_failed_build_warns_and_falls_back(tmp_path):
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("False"), result.stdout
   assert "optax_soaa: building the fused CPU" in result.stdout
+
+
+@requires_kernels
+def test_vmapped_update_matches_xla():
+  # An ensemble: one optimizer step vmapped over three parameter sets (the
+  # kernels then run once per member), and a zero-size leaf.
+  params = {"w": jnp.stack([jnp.linspace(-1.0, 1.0, 5000) * k
+                            for k in (1.0, 0.5, -2.0)]),
+            "empty": jnp.zeros((3, 0))}
+  grads = jax.tree.map(lambda x: jnp.sin(3 * x) + x, params)
+  for make in (
+      lambda c: optax_soaa.arturo(**tasks.ARTURO_FMNIST, chunk_size=c),
+      lambda c: optax_soaa.soaa(0.05, total_steps=10, reduction_chunk_size=c),
+  ):
+    results = []
+    for chunk in ("auto", None):
+      opt = make(chunk)
+      update = jax.jit(jax.vmap(
+          lambda g, s, p: opt.update(g, s, p, value=jnp.float32(1.0))))
+      state = jax.vmap(opt.init)(params)
+      for _ in range(3):
+        updates, state = update(grads, state, params)
+      results.append((updates, state))
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
