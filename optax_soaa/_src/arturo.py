@@ -41,7 +41,8 @@ class ArturoState(NamedTuple):
 # See `levels_per_pass` in `arturo`'s docstring.
 _DEFAULT_LEVELS_PER_PASS = 2
 
-# The slice length "auto" uses on the CPU backend, shorter than
+# The slice length "auto" uses on the CPU backend where the fused kernels
+# cannot run (see `chunk_size`), shorter than
 # `utils.CPU_CHUNK_SIZE`: the filter streams fourteen arrays and its
 # temporaries, which must stay cache-resident (at 10M parameters slices of
 # about 8K elements ran the update-step benchmark's step about 1.2x faster
