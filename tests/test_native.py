@@ -223,3 +223,35 @@ def test_vmapped_update_matches_xla():
         updates, state = update(grads, state, params)
       results.append((updates, state))
     chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+@requires_kernels
+def test_axis_name_sums_over_shards():
+  # Parameters split over a mapped axis (here vmap, one CPU device): the
+  # kernels' global sums must be psum-ed over it as XLA's are.
+  shards = {"w": jnp.stack([jnp.linspace(-1.0, 1.0, 5000) * k
+                            for k in (1.0, -0.5)])}
+  grads = jax.tree.map(lambda x: jnp.sin(3 * x) + x, shards)
+  results = []
+  for chunk in ("auto", None):
+    soaa = optax_soaa.soaa(0.05, total_steps=10, axis_name="shard",
+                           reduction_chunk_size=chunk)
+    arturo = optax_soaa.arturo(**tasks.ARTURO_FMNIST, axis_name="shard",
+                               chunk_size=chunk)
+    out = []
+    for opt in (soaa, arturo):
+      update = jax.jit(jax.vmap(
+          lambda g, s, p, opt=opt: opt.update(g, s, p, value=jnp.float32(1.0)),
+          axis_name="shard"))
+      state = jax.vmap(opt.init)(shards)
+      for _ in range(3):
+        _, state = update(grads, state, shards)
+      out.append(state)
+    results.append(out)
+  (soaa_fused, arturo_fused), (soaa_plain, arturo_plain) = results
+  for name in ("predicted_reduction", "fisher_ratio", "dt"):
+    values = getattr(soaa_fused[0], name)
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-6)  # global
+    np.testing.assert_allclose(values, getattr(soaa_plain[0], name),
+                               rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(arturo_fused.eta, arturo_plain.eta, rtol=1e-6)

@@ -219,12 +219,16 @@ def arturo(
       a single CPU device, with every leaf and state float32 or float64,
       as fused, multi-threaded kernels (``optax_soaa._src.native``:
       compiled at first use, XLA otherwise), each one read of its arrays;
-      elsewhere on the CPU, XLA slice loops of about 8192 elements (a length
-      that divides the leaf where one is near); whole arrays on GPU/TPU. A
-      positive int: XLA slice loops of that length (on the CPU they avoid
-      parameter-sized temporaries); ``None``: XLA over whole arrays. Only
-      the summation order of the KL differs. An int here must be a static
-      arg of ``optax.inject_hyperparams``.
+      elsewhere on a single CPU device, XLA slice loops of about 8192
+      elements (a length that divides the leaf where one is near); whole
+      arrays on GPU/TPU and with several devices. A positive int: XLA slice
+      loops of that length (on the CPU they avoid parameter-sized
+      temporaries); ``None``: XLA over whole arrays. The kernels repeat the
+      XLA path's arithmetic: results agree up to rounding (XLA fuses some
+      products into FMAs) and the KL's summation order. They have no
+      derivative rule and cannot be serialised: to differentiate through
+      ``update`` or ``jax.export`` a step, pass ``None``. An int here must
+      be a static arg of ``optax.inject_hyperparams``.
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are split; the KL sums are then ``psum``-ed over it.
 

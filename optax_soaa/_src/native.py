@@ -26,6 +26,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -51,10 +52,12 @@ _KERNELS = {
 _DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 
-def _compiler() -> Optional[str]:
-  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
+def _compiler() -> Optional[list]:
+  """The compiler command (a list: `CXX` may carry arguments, `ccache g++`)."""
+  for command in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    words = shlex.split(command or "")
+    if words and shutil.which(words[0]):
+      return [shutil.which(words[0]), *words[1:]]
   return None
 
 
@@ -80,15 +83,22 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("OPTAX_SOAA_CACHE_DIR", default))
 
 
-def _build(compiler: str) -> pathlib.Path:
+def _headers() -> str:
+  """The FFI headers the kernels compile against (jaxlib's)."""
+  api = pathlib.Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api"
+  return "".join(p.read_text(encoding="utf-8")
+                 for p in sorted(api.glob("*.h")))
+
+
+def _build(compiler: list) -> pathlib.Path:
   """The compiled library's path, compiling it if the cache lacks it."""
   version = subprocess.run(
-      [compiler, "--version"], capture_output=True, text=True, check=True
+      [*compiler, "--version"], capture_output=True, text=True, check=True
   ).stdout
   key = hashlib.sha256(
       "\0".join([
           _SOURCE.read_text(encoding="utf-8"), " ".join(_FLAGS), version,
-          jax.__version__, _cpu_signature(),
+          _headers(), _cpu_signature(),
       ]).encode()
   ).hexdigest()[:20]
   directory = cache_dir()
@@ -102,15 +112,17 @@ def _build(compiler: str) -> pathlib.Path:
   os.close(fd)
   try:
     result = subprocess.run(
-        [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE),
+        [*compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE),
          "-o", tmp],
         capture_output=True, text=True,
     )
     if result.returncode != 0:
       raise RuntimeError(
-          f"{compiler} failed (exit {result.returncode}):\n"
+          f"{shlex.join(compiler)} failed (exit {result.returncode}):\n"
           + result.stderr[-2000:]
       )
+    # mkstemp made it private; a shared cache directory serves every user.
+    os.chmod(tmp, 0o755)
     os.replace(tmp, library)
   finally:
     if os.path.exists(tmp):
@@ -135,7 +147,7 @@ def available() -> bool:
         "optax_soaa: no C++ compiler found (set CXX, or install g++), so the "
         "fused CPU kernels are not built; using the XLA path, which is "
         "slower on the CPU. Set OPTAX_SOAA_NATIVE=0 to silence this.",
-        RuntimeWarning, stacklevel=2,
+        RuntimeWarning,
     )
     return False
   try:
@@ -152,7 +164,7 @@ def available() -> bool:
         f"optax_soaa: building the fused CPU kernels failed ({e}); using "
         "the XLA path, which is slower on the CPU. Set OPTAX_SOAA_NATIVE=0 "
         "to silence this.",
-        RuntimeWarning, stacklevel=2,
+        RuntimeWarning,
     )
     return False
   return True
@@ -162,13 +174,27 @@ def _target_name(stem: str, dtype_name: str) -> str:
   return f"optax_soaa_{stem}_{dtype_name}"
 
 
+@functools.cache
+def _accelerator_present() -> bool:
+  """Whether a GPU or TPU backend exists (a step could be lowered for it)."""
+  for platform_name in ("gpu", "tpu"):
+    try:
+      if jax.devices(platform_name):
+        return True
+    except RuntimeError:  # no such backend
+      pass
+  return False
+
+
 def usable(*arrays: Any) -> bool:
   """Whether a step over `arrays` (traced now) can use the kernels.
 
-  Checked at trace time: a single CPU device, and every array float32 or
-  every array float64.
+  Checked at trace time: a single CPU device and no accelerator backend
+  (the kernels exist for the CPU only), and every array float32 or every
+  array float64.
   """
-  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+  if (jax.default_backend() != "cpu" or jax.device_count() != 1
+      or _accelerator_present()):
     return False
   dtypes = {np.dtype(x.dtype) for x in arrays}
   if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:

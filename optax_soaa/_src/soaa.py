@@ -80,8 +80,11 @@ def scale_by_soaa(
       runs in slices of 16384 elements (XLA would allocate a
       parameter-sized temporary each step); on GPU/TPU and with several
       devices, one fused sum (slicing sharded leaves would gather them). An
-      int: XLA, slices of that length; ``None``: XLA, one sum. Only the
-      summation order differs.
+      int: XLA, slices of that length; ``None``: XLA, one sum. The kernels
+      repeat the XLA path's arithmetic: results agree up to rounding (XLA
+      fuses some products into FMAs) and summation order. They have no
+      derivative rule and cannot be serialised: to differentiate through
+      ``update`` or ``jax.export`` a step, pass ``None``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes the
@@ -256,13 +259,16 @@ def scale_by_soaa(
       upper = 1 + gamma_**exponent
       new_dt = jnp.clip(new_trust_ratio * dt, lower, upper)
       if use_native:
-        new_pr = lr * sum(
+        total = sum(
             (native.soaa_predicted_reduction(
                 m, s, v, [inv_bc1, inv_bc2, 1 + fisher_ratio, dt, eps_],
             ).astype(sdtype)
              for m, s, v in zip(*map(jax.tree.leaves, (mu, nu, v_state)))),
             jnp.zeros([], sdtype),
         )
+        if axis_name is not None:
+          total = jax.lax.psum(total, axis_name)
+        new_pr = lr * total
       else:
         new_pr = lr * utils.tree_sum(
             predicted_reduction_terms, mu, nu, v_state, dtype=sdtype,

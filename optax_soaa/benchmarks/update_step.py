@@ -100,7 +100,7 @@ def _xla_chunk(cpu_chunk: int = utils.CPU_CHUNK_SIZE) -> Optional[int]:
 
 def fused_kernels_in_use() -> bool:
   """Whether "auto" runs the fused CPU kernels here (float32 params)."""
-  return utils.resolve_chunk_size("auto") is not None and native.available()
+  return native.usable(jnp.zeros((), jnp.float32))
 
 
 def make_params(num_params: int, seed: int = 0) -> Dict[str, jax.Array]:
