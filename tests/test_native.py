@@ -255,3 +255,89 @@ def test_axis_name_sums_over_shards():
     np.testing.assert_allclose(values, getattr(soaa_plain[0], name),
                                rtol=1e-5, err_msg=name)
   np.testing.assert_allclose(arturo_fused.eta, arturo_plain.eta, rtol=1e-6)
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_kernels_match_their_jax_restatement(dtype):
+  # native.py's jax.numpy restatements define the kernels' derivatives;
+  # each kernel must compute what its restatement computes.
+  with jax.enable_x64(dtype == jnp.float64):
+    rng = np.random.default_rng(0)
+    shape = (3, 2001)  # ragged last block
+    arr = lambda scale=1.0, low=0.0: jnp.asarray(
+        low + scale * rng.random(shape), dtype)
+    g, p, b, h, lam = arr(2, -1), arr(2, -1), arr(0.1), arr(1, -0.3), arr(5, 1)
+    covs = (arr(0.01), arr(0.001), arr(0.01))
+    etas = jnp.asarray([0.5, 2.0, 7.0], dtype)
+    for first, clip, decay in [(1.0, 0.0, 0.0), (0.0, 1.0, 1.0)]:
+      scalars = native._scalars(
+          [first, 1e-3, 2.0, 0.01, 1.3, 0.06, 1e-3 * decay, clip, decay],
+          dtype)
+      kernel = jax.jit(lambda *xs: native.arturo_filter(
+          xs[0], xs[1], xs[2:8], list(scalars), etas))
+      states, sums = kernel(g, p, lam, b, h, *covs)
+      expected = native._arturo_filter_reference(
+          g, p, lam, b, h, *covs, scalars, etas)
+      chex.assert_trees_all_close((*states, sums), expected, rtol=2e-5,
+                                  atol=1e-7)
+      kl = native.arturo_kl(p, b, h, lam, list(scalars[jnp.array([3, 6, 7, 8])]),
+                            etas)
+      chex.assert_trees_all_close(kl, native._arturo_kl_reference(
+          p, b, h, lam, scalars[jnp.array([3, 6, 7, 8])], etas), rtol=2e-5)
+    m, s, v = arr(0.1, -0.05), arr(0.01), arr(0.01)
+    for variance in (True, False):
+      moments = [0.1, 0.9, 0.001, 0.999, 0.3, False]
+      got = jax.jit(lambda g, m, s, v: native.soaa_moments(
+          g, m, s, v, moments))(g, m, s, v if variance else None)
+      expected = native._soaa_moments_reference(
+          g, m, s, v, native._scalars(moments, dtype), variance=variance)
+      chex.assert_trees_all_close(
+          [x for x in got if x is not None],
+          [x for x, keep in zip(expected, (1, 1, variance, 1)) if keep],
+          rtol=2e-5, atol=1e-9)
+    pr_scalars = [10.0, 1000.0, 1.7, 1.2, 1e-8]
+    chex.assert_trees_all_close(
+        native.soaa_predicted_reduction(m, s, v, pr_scalars),
+        native._soaa_predicted_reduction_reference(
+            m, s, v, native._scalars(pr_scalars, dtype))[0][0],
+        rtol=2e-5)
+
+
+@requires_kernels
+def test_derivatives_through_update_match_xla():
+  # The kernels are differentiated as their jax.numpy restatements: a
+  # hypergradient through three SOAA steps (reverse mode, the learning rate
+  # injected) and a forward-mode derivative through two arTuRO steps (its
+  # bisection is a while_loop) equal the XLA path's.
+  params = _params()
+
+  def loss_fn(p):
+    return sum(jnp.sum(jnp.sin(3 * x) + x**2) for x in jax.tree.leaves(p))
+
+  def after_soaa(lr, chunk):
+    opt = optax.inject_hyperparams(
+        optax_soaa.soaa, static_args=("total_steps", "reduction_chunk_size"))(
+            learning_rate=lr, total_steps=10, reduction_chunk_size=chunk)
+    p, state = params, opt.init(params)
+    for _ in range(3):
+      loss, grads = jax.value_and_grad(loss_fn)(p)
+      updates, state = opt.update(grads, state, p, value=loss)
+      p = optax.apply_updates(p, updates)
+    return loss_fn(p) + state.inner_state[0].predicted_reduction
+
+  def after_arturo(kl_bound, chunk):
+    opt = optax_soaa.arturo(**{**tasks.ARTURO_FMNIST, "kl_bound": kl_bound},
+                            chunk_size=chunk)
+    p, state = params, opt.init(params)
+    for _ in range(2):
+      updates, state = opt.update(jax.grad(loss_fn)(p), state, p)
+      p = optax.apply_updates(p, updates)
+    return loss_fn(p)
+
+  grads = [jax.jit(jax.grad(after_soaa), static_argnums=1)(0.05, chunk)
+           for chunk in ("auto", None)]
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5)
+  tangents = [jax.jvp(lambda k, c=chunk: after_arturo(k, c), (0.1,), (1.0,))
+              for chunk in ("auto", None)]
+  np.testing.assert_allclose(tangents[0], tangents[1], rtol=1e-5)

@@ -225,9 +225,9 @@ def arturo(
       loops of that length (on the CPU they avoid parameter-sized
       temporaries); ``None``: XLA over whole arrays. The kernels repeat the
       XLA path's arithmetic: results agree up to rounding (XLA fuses some
-      products into FMAs) and the KL's summation order. They have no
-      derivative rule and cannot be serialised: to differentiate through
-      ``update`` or ``jax.export`` a step, pass ``None``. An int here must
+      products into FMAs) and the KL's summation order. JAX differentiates
+      them as their ``jax.numpy`` restatements; they cannot be
+      serialised: to ``jax.export`` a step, pass ``None``. An int here must
       be a static arg of ``optax.inject_hyperparams``.
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are split; the KL sums are then ``psum``-ed over it.

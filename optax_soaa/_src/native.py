@@ -16,6 +16,10 @@ jaxlib, for the machine they run on (``-march=native``), and cached in
 source, the compiler, jax's version and the CPU. Without a compiler, or when
 the build fails, a warning says why and the XLA path is used. Set
 ``OPTAX_SOAA_NATIVE=0`` to always use the XLA path.
+
+Each kernel has a ``jax.numpy`` restatement below (``_*_reference``): JAX
+differentiates a kernel as its restatement (``jax.custom_jvp``), and the
+tests compare the two. The kernels are not serialisable (``jax.export``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -202,29 +206,100 @@ def usable(*arrays: Any) -> bool:
   return available()
 
 
-def _call(stem: str, inputs: Sequence[jax.Array], num_states: int,
-          num_sums: int, state_offset: int):
-  """Calls kernel `stem` on flattened `inputs`; states alias their outputs.
+def _call(stem: str, reference: Callable[..., Any],
+          inputs: Sequence[jax.Array], num_states: int, num_sums: int,
+          state_offset: int):
+  """Calls kernel `stem` on `inputs`; states alias their outputs.
 
   The states are inputs[state_offset : state_offset + num_states]; returns
-  their new values (in the inputs' shapes) and the sums (a vector).
+  their new values and the sums (a vector). `reference(*inputs)` is the
+  kernel's arithmetic in jax.numpy: the kernel is differentiated as it.
   """
+  if not available():
+    raise RuntimeError("optax_soaa: the fused CPU kernels are not available.")
   # The kernels see every array as flat, in its row-major layout. No
   # reshape here: XLA copied a reshaped (bitcast) state whole to alias it.
   dtype = np.dtype(inputs[0].dtype)
   states = inputs[state_offset:state_offset + num_states]
   out_types = [jax.ShapeDtypeStruct(x.shape, dtype) for x in states]
   out_types.append(jax.ShapeDtypeStruct((num_sums,), dtype))
-  outs = jax.ffi.ffi_call(
+  kernel = jax.ffi.ffi_call(
       _target_name(stem, _DTYPES[dtype]), out_types,
       input_output_aliases={state_offset + k: k for k in range(num_states)},
       vmap_method="sequential",
-  )(*inputs)
+  )
+
+  @jax.custom_jvp
+  def fused(*args):
+    return tuple(kernel(*args))
+
+  @fused.defjvp
+  def fused_jvp(primals, tangents):
+    _, tangents_out = jax.jvp(reference, primals, tangents)
+    return tuple(kernel(*primals)), tuple(tangents_out)
+
+  outs = fused(*inputs)
   return list(outs[:num_states]), outs[num_states]
 
 
 def _scalars(values: Sequence[Any], dtype: Any) -> jax.Array:
   return jnp.stack([jnp.asarray(v).astype(dtype) for v in values])
+
+
+# The kernels' arithmetic in jax.numpy, on the same inputs (scalars packed
+# in one vector, flags as 0/1). They define the kernels' derivatives, and
+# the tests compare the kernels with them.
+
+
+def _arturo_kl_reference(p, b, h, lam, scalars, etas):
+  reg_prior, decay, clip, use_decay = (scalars[i] for i in range(4))
+  theta = jnp.where(use_decay != 0, p - p * decay, p).reshape(-1)
+  h, b, lam = h.reshape(-1), b.reshape(-1), lam.reshape(-1)
+  curvature = jnp.where(clip != 0, jnp.maximum(h, 0), h) + reg_prior
+  temp = lam * etas[:, None]
+  mu = (temp * theta - b) / (curvature + temp)
+  return jnp.sum(jnp.square(theta - mu) * lam, axis=1)
+
+
+def _arturo_filter_reference(g, p, lam, b, h, p00, p01, p11, scalars, etas):
+  first, q, meas, reg_prior, nu, rho = (scalars[i] for i in range(6))
+  decay, clip, use_decay = scalars[6], scalars[7], scalars[8]
+  theta = jnp.where(use_decay != 0, p - p * decay, p)
+  curvature = jnp.where(clip != 0, jnp.maximum(h, 0), h) + reg_prior
+  first = first != 0
+  lam = jnp.where(first, lam, (curvature + lam * nu) / (rho + nu))
+  b = jnp.where(first, g, b)
+  p00, p11 = p00 + q, p11 + q
+  k0 = p00 + p01 * theta
+  k1 = p01 + p11 * theta
+  s = k0 + k1 * theta + meas
+  gain0, gain1 = k0 * (1 / s), k1 * (1 / s)
+  innovation = (g - theta * h - b) / s
+  b, h = b + k0 * innovation, h + k1 * innovation
+  p00, p01, p11 = (p00 - gain0 * (s * gain0), p01 - gain0 * (s * gain1),
+                   p11 - gain1 * (s * gain1))
+  sums = _arturo_kl_reference(p, b, h, lam, scalars[jnp.array([3, 6, 7, 8])],
+                              etas)
+  return lam, b, h, p00, p01, p11, sums
+
+
+def _soaa_moments_reference(g, m, s, v, scalars, *, variance):
+  c1, b1, c2, b2, bc1, first = (scalars[i] for i in range(6))
+  m = c1 * g + b1 * m
+  s = c2 * (g * g) + b2 * s
+  if not variance:  # v is a placeholder; Σ v is Σ s
+    return m, s, v, jnp.stack([jnp.sum(m * m), jnp.sum(s)])
+  deviation = jnp.where(first != 0, 0, g - m / bc1)
+  v = b2 * v + c2 * (deviation * deviation)
+  return m, s, v, jnp.stack([jnp.sum(m * m), jnp.sum(v)])
+
+
+def _soaa_predicted_reduction_reference(m, s, v, scalars):
+  inv_bc1, inv_bc2, one_plus_r, dt, eps = (scalars[i] for i in range(5))
+  m_hat, s_hat, v_hat = m * inv_bc1, s * inv_bc2, v * inv_bc2
+  scale = jnp.maximum(dt * (one_plus_r * v_hat), jnp.sqrt(s_hat))
+  u = m_hat * dt / (scale + eps)
+  return (jnp.sum(u * (m_hat - 0.5 * v_hat * u))[None],)
 
 
 def arturo_filter(g, p, states, scalars, etas):
@@ -236,7 +311,7 @@ def arturo_filter(g, p, states, scalars, etas):
   """
   dtype = g.dtype
   return _call(
-      "arturo_filter",
+      "arturo_filter", _arturo_filter_reference,
       [g, p, *states, _scalars(scalars, dtype), etas.astype(dtype)],
       num_states=6, num_sums=etas.shape[0], state_offset=2,
   )
@@ -247,7 +322,7 @@ def arturo_kl(p, b, h, lam, scalars, etas):
   use_decay]."""
   dtype = p.dtype
   return _call(
-      "arturo_kl",
+      "arturo_kl", lambda *xs: (_arturo_kl_reference(*xs),),
       [p, b, h, lam, _scalars(scalars, dtype), etas.astype(dtype)],
       num_states=0, num_sums=etas.shape[0], state_offset=0,
   )[1]
@@ -264,8 +339,9 @@ def soaa_moments(g, m, s, v, scalars):
   placeholder = jnp.zeros((1,), dtype)
   inputs = [g, m, s, v if variance else placeholder,
             _scalars([*scalars, variance], dtype)]
-  (m, s, v), sums = _call("soaa_moments", inputs, num_states=3, num_sums=2,
-                          state_offset=1)
+  reference = functools.partial(_soaa_moments_reference, variance=variance)
+  (m, s, v), sums = _call("soaa_moments", reference, inputs, num_states=3,
+                          num_sums=2, state_offset=1)
   return m, s, (v if variance else None), sums
 
 
@@ -274,6 +350,7 @@ def soaa_predicted_reduction(m, s, v, scalars):
   eps]."""
   dtype = m.dtype
   return _call(
-      "soaa_predicted_reduction", [m, s, v, _scalars(scalars, dtype)],
+      "soaa_predicted_reduction", _soaa_predicted_reduction_reference,
+      [m, s, v, _scalars(scalars, dtype)],
       num_states=0, num_sums=1, state_offset=0,
   )[1][0]

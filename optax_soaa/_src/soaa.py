@@ -82,9 +82,9 @@ def scale_by_soaa(
       devices, one fused sum (slicing sharded leaves would gather them). An
       int: XLA, slices of that length; ``None``: XLA, one sum. The kernels
       repeat the XLA path's arithmetic: results agree up to rounding (XLA
-      fuses some products into FMAs) and summation order. They have no
-      derivative rule and cannot be serialised: to differentiate through
-      ``update`` or ``jax.export`` a step, pass ``None``.
+      fuses some products into FMAs) and summation order. JAX
+      differentiates them as their ``jax.numpy`` restatements; they cannot
+      be serialised: to ``jax.export`` a step, pass ``None``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes the
