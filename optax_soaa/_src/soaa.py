@@ -171,12 +171,8 @@ def scale_by_soaa(
       mu = optax.tree.cast(mu, mu_dtype)
       nu = optax.tree.cast_like(nu, state.nu)
       v_state = curv if use_variance else nu
-      sum_m2 = utils.tree_sum(jnp.square, mu, dtype=sdtype) / jnp.square(bc1)
-      sum_v = (
-          utils.tree_sum(lambda v: v, v_state, dtype=sdtype) / bc2
-          + utils.tree_size(v_state) * eps_
-      )
-      return mu, nu, curv, v_state, sum_m2, sum_v
+      return (mu, nu, curv, utils.tree_sum(jnp.square, mu, dtype=sdtype),
+              utils.tree_sum(lambda v: v, v_state, dtype=sdtype))
 
     def native_moments():
       # One fused pass per leaf (native.py): the moments in place, Σ m² and
@@ -198,16 +194,17 @@ def scale_by_soaa(
       mu, nu, sums = moments[0], moments[1], moments[-1]
       curv = moments[2] if use_variance else None
       sums = sum(jax.tree.leaves(sums), jnp.zeros([2], sdtype))
-      sum_m2 = sums[0] / jnp.square(bc1)
-      sum_v = sums[1] / bc2 + utils.tree_size(grads) * eps_
-      return mu, nu, curv, (curv if use_variance else nu), sum_m2, sum_v
+      return mu, nu, curv, sums[0], sums[1]
 
     # The fused CPU kernels where `reduction_chunk_size` is "auto" and every
     # leaf and moment has one dtype, float32 or float64.
     use_native = reduction_chunk_size == "auto" and native.usable(
         *jax.tree.leaves((grads, state.mu, state.nu, state.curvature)))
-    mu, nu, curv, v_state, sum_m2, sum_v = (
+    mu, nu, curv, sum_m2, sum_v = (
         native_moments() if use_native else xla_moments())
+    v_state = curv if use_variance else nu
+    sum_m2 = sum_m2 / jnp.square(bc1)
+    sum_v = sum_v / bc2 + utils.tree_size(v_state) * eps_
     if axis_name is not None:
       sum_m2, sum_v = jax.lax.psum((sum_m2, sum_v), axis_name)
     fisher_ratio = sum_m2 / sum_v
