@@ -263,14 +263,15 @@ def scale_by_soaa(
              for m, s, v in zip(*map(jax.tree.leaves, (mu, nu, v_state)))),
             jnp.zeros([], sdtype),
         )
-        if axis_name is not None:
-          total = jax.lax.psum(total, axis_name)
-        new_pr = lr * total
       else:
-        new_pr = lr * utils.tree_sum(
+        total = utils.tree_sum(
             predicted_reduction_terms, mu, nu, v_state, dtype=sdtype,
-            axis_name=axis_name, chunk_size=chunk_size,
+            chunk_size=chunk_size,
         )
+      # Both paths sum this device's leaves; the mapped axis is summed once.
+      if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+      new_pr = lr * total
       keep = lambda new, old: jnp.where(finite, new, old)
       loss_avg = keep(new_loss_avg, loss_avg)
       dt = keep(new_dt, dt)
