@@ -50,12 +50,12 @@ def _soaa(curvature):
 
 SPECS: dict[str, Spec] = {
     "soaa": Spec(
-        _soaa("variance"), extra="value", zero_grad_zero_update=True,
+        _soaa("second_moment"), extra="value", zero_grad_zero_update=True,
         trust_fields=("dt", "loss_avg", "predicted_reduction", "trust_ratio",
                       "fisher_ratio"),
     ),
-    "soaa_second_moment": Spec(
-        _soaa("second_moment"), extra="value", zero_grad_zero_update=True,
+    "soaa_variance": Spec(
+        _soaa("variance"), extra="value", zero_grad_zero_update=True,
         trust_fields=("dt", "loss_avg", "predicted_reduction", "trust_ratio",
                       "fisher_ratio"),
     ),

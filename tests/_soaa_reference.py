@@ -57,9 +57,12 @@ def step(
     v = [b2 * v + (1 - b2) * (g - mh) ** 2
          for v, g, mh in zip(state.v, grads, m_hat)]
     v_hat = [x / (1 - b2**t) for x in v]
-  else:
+  elif curvature == "second_moment":
     v = None
     v_hat = s_hat
+  else:  # "none": the paper read literally, v initialised and never updated.
+    v = None
+    v_hat = [np.zeros_like(x) for x in s_hat]
   r = sum(np.sum(x * x) for x in m_hat) / sum(np.sum(x + eps) for x in v_hat)
   fisher = [(1 + r) * x for x in v_hat]
   dt = state.dt

@@ -169,13 +169,13 @@ def test_unavailable_optimizer_is_reported_not_raised():
 
 
 def test_registry_covers_the_issue():
-  assert {"soaa-variance", "soaa-second_moment", "arturo", "adafisher",
+  assert {"soaa", "soaa-variance", "arturo", "adafisher",
           "adafisherw", "adam", "adamw", "sgd", "sophia"} <= set(
               opt_lib.REGISTRY)
   assert opt_lib.REGISTRY["arturo"].swept == "kl_bound"
   assert opt_lib.REGISTRY["sophia"].extra_args == {opt_lib.OBJ_FN}
   assert opt_lib.REGISTRY["adafisher"].extra_args == {opt_lib.STATS}
-  for name in ("soaa-variance", "soaa-second_moment"):
+  for name in ("soaa", "soaa-variance"):
     assert opt_lib.REGISTRY[name].extra_args == {opt_lib.VALUE}
 
 

@@ -83,7 +83,7 @@ def test_restore_without_target_loses_the_state_types(tmp_path):
   """Why `restore` needs a target: orbax alone gives back dicts, not states."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  tx = R.SPECS["soaa_second_moment"].make()
+  tx = R.SPECS["soaa"].make()
   params = R.init_params()
   state = tx.init(params)
   checkpoint.save(tmp_path / "c", params, state)
@@ -100,9 +100,9 @@ def test_restore_into_another_optimizer_fails(tmp_path):
   """A checkpoint of curvature="variance" does not silently load into a
   "second_moment" optimizer (different state)."""
   params = R.init_params()
-  tx_var = R.SPECS["soaa"].make()
+  tx_var = R.SPECS["soaa_variance"].make()
   checkpoint.save(tmp_path / "c", params, tx_var.init(params))
-  tx_sm = R.SPECS["soaa_second_moment"].make()
+  tx_sm = R.SPECS["soaa"].make()
   with pytest.raises(ValueError):
     checkpoint.restore(tmp_path / "c", params, tx_sm.init(params))
 

@@ -205,7 +205,7 @@ def test_apply_if_finite_passes_value_through(name):
 # the non-finite gradient enters the moments. For the optimizers listed here
 # a global sum (SOAA's Fisher ratio, arTuRO's KL) turns EVERY leaf's update
 # non-finite; for the others only the poisoned leaf's.
-GLOBAL_POISON = {"soaa", "soaa_second_moment"}
+GLOBAL_POISON = {"soaa", "soaa_variance"}
 
 
 @pytest.mark.parametrize("name", R.CORE)

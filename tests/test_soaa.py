@@ -50,6 +50,10 @@ REFERENCE_CASES = {
     "second_moment_decay_schedule": dict(
         curvature="second_moment", with_value=True, weight_decay=0.05,
         schedule=True),
+    "none": dict(curvature="none", with_value=True, weight_decay=0.0,
+                 schedule=False),
+    "none_decay_schedule": dict(curvature="none", with_value=True,
+                                weight_decay=0.05, schedule=True),
 }
 
 
@@ -128,7 +132,7 @@ def test_first_step_variance_is_exactly_zero(dtype):
   """v after step 1 is (g - m̂)² = 0 exactly, not rounding noise."""
   params = _params(dtype)
   grads = jax.tree.map(lambda p: (p * 3.7 + 0.1).astype(dtype), params)
-  opt = optax_soaa.scale_by_soaa(0.1, total_steps=10)
+  opt = optax_soaa.scale_by_soaa(0.1, total_steps=10, curvature="variance")
   updates, state = jax.jit(opt.update)(grads, opt.init(params), params,
                                        value=jnp.float32(1.0))
   chex.assert_trees_all_equal(state.curvature,
@@ -188,7 +192,7 @@ def _minimise(params, loss_fn, opt, num_steps):
   return jax.lax.fori_loop(0, num_steps, body, (params, opt.init(params)))
 
 
-@pytest.mark.parametrize("curvature", ["variance", "second_moment"])
+@pytest.mark.parametrize("curvature", ["second_moment", "variance", "none"])
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_converges(target, curvature):
   loss_fn, init, solution = TARGETS[target]
@@ -218,7 +222,7 @@ def _run(opt, params, num_steps=5, jit=True, value=True):
   return params, state, updates
 
 
-@pytest.mark.parametrize("curvature", ["variance", "second_moment"])
+@pytest.mark.parametrize("curvature", ["second_moment", "variance", "none"])
 def test_jit_matches_no_jit(curvature):
   opt = optax_soaa.soaa(0.05, total_steps=20, curvature=curvature,
                         weight_decay=0.01)
@@ -244,7 +248,7 @@ def test_no_recompilation():
   assert len(traces) == 1
 
 
-@pytest.mark.parametrize("curvature", ["variance", "second_moment"])
+@pytest.mark.parametrize("curvature", ["second_moment", "variance", "none"])
 def test_inject_hyperparams_matches(curvature, x64):
   # In x64 the injected (array) hyperparameters and the Python floats round
   # alike, so the two runs agree to float64 round-off.
@@ -304,7 +308,7 @@ def test_updates_keep_float64_dtype(x64):
   assert state[0].dt.dtype == jnp.float64
 
 
-@pytest.mark.parametrize("curvature", ["variance", "second_moment"])
+@pytest.mark.parametrize("curvature", ["second_moment", "variance", "none"])
 def test_state_stable_under_cond(curvature):
   opt = optax_soaa.soaa(0.05, total_steps=20, curvature=curvature)
   params = _params()
@@ -401,7 +405,7 @@ def test_state_memory():
   params = _params()
   adam_bytes = sum(x.nbytes for x in jax.tree.leaves(optax.adam(1e-3).init(params)))
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  for curvature, arrays in [("variance", 3), ("second_moment", 2)]:
+  for curvature, arrays in [("variance", 3), ("second_moment", 2), ("none", 2)]:
     state = optax_soaa.soaa(1e-3, total_steps=5, curvature=curvature).init(params)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     # Per-parameter arrays plus a handful of scalars.

@@ -12,7 +12,7 @@ from optax._src import numerics
 from optax_soaa._src import native
 from optax_soaa._src import utils
 
-CURVATURES = ("variance", "second_moment")
+CURVATURES = ("second_moment", "variance", "none")
 
 
 class SOAAState(NamedTuple):
@@ -24,8 +24,8 @@ class SOAAState(NamedTuple):
   count: jax.Array  # shape=(), int32: steps taken.
   mu: optax.Updates  # like params (dtype mu_dtype or params'): first moment m.
   nu: optax.Updates  # like params (dtype nu_dtype or params'): second moment s.
-  curvature: Optional[optax.Updates]  # like nu: centred variance v;
-  # None when curvature="second_moment" (v̂ = ŝ, no extra memory).
+  curvature: Optional[optax.Updates]  # like nu: centred variance v with
+  # curvature="variance"; None otherwise (v̂ = ŝ, or v̂ = 0 for "none").
   dt: jax.Array  # shape=(), S: trust-region multiplier, starts at 1.
   loss_avg: jax.Array  # shape=(), S: EMA of the loss (not bias-corrected).
   predicted_reduction: jax.Array  # shape=(), S: pr of the last loss step.
@@ -42,7 +42,7 @@ def scale_by_soaa(
     eps: float = 1e-8,
     *,
     total_steps: int,
-    curvature: str = "variance",
+    curvature: str = "second_moment",
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     axis_name: Optional[str] = None,
@@ -63,8 +63,9 @@ def scale_by_soaa(
     gamma: width of the ``dt`` bounds, in (0, 1).
     eps: numerical floor, >= 0.
     total_steps: T > 0; the ``dt`` bounds narrow over T steps.
-    curvature: ``"variance"`` (centred variance, default) or
-      ``"second_moment"`` (``v̂ = ŝ``, Adam's memory).
+    curvature: ``"second_moment"`` (``v̂ = ŝ``, Adam's memory; default),
+      ``"variance"`` (centred variance, 1.5x Adam's state) or ``"none"``
+      (``v̂ = 0``: the paper's algorithm read literally). See :func:`soaa`.
     mu_dtype: optional dtype of the first moment.
     nu_dtype: optional dtype of the second moment and of the curvature
       (e.g. float32 state for bfloat16 params); the params' dtype if None.
@@ -105,6 +106,7 @@ def scale_by_soaa(
   utils.check_chunk_size("reduction_chunk_size", reduction_chunk_size)
   lr_fn = utils.as_schedule(learning_rate)
   use_variance = curvature == "variance"
+  use_fisher = curvature != "none"
 
   def init_fn(params):
     sdtype = utils.scalar_dtype(params)
@@ -171,8 +173,10 @@ def scale_by_soaa(
       mu = optax.tree.cast(mu, mu_dtype)
       nu = optax.tree.cast_like(nu, state.nu)
       v_state = curv if use_variance else nu
+      sum_v = (utils.tree_sum(lambda v: v, v_state, dtype=sdtype) if use_fisher
+               else jnp.zeros([], sdtype))
       return (mu, nu, curv, utils.tree_sum(jnp.square, mu, dtype=sdtype),
-              utils.tree_sum(lambda v: v, v_state, dtype=sdtype))
+              sum_v)
 
     def native_moments():
       # One fused pass per leaf (native.py): the moments in place, Σ m² and
@@ -198,13 +202,15 @@ def scale_by_soaa(
 
     # The fused CPU kernels where `reduction_chunk_size` is "auto" and every
     # leaf and moment has one dtype, float32 or float64.
-    use_native = reduction_chunk_size == "auto" and native.usable(
+    use_native = use_fisher and reduction_chunk_size == "auto" and native.usable(
         *jax.tree.leaves((grads, state.mu, state.nu, state.curvature)))
     mu, nu, curv, sum_m2, sum_v = (
         native_moments() if use_native else xla_moments())
-    v_state = curv if use_variance else nu
+    # v̂ per leaf: the variance, ŝ itself, or nothing (v̂ = 0) for "none".
+    v_state = curv if use_variance else (nu if use_fisher else None)
+    moments = (mu, nu) if v_state is None else (mu, nu, v_state)
     sum_m2 = sum_m2 / jnp.square(bc1)
-    sum_v = sum_v / bc2 + utils.tree_size(v_state) * eps_
+    sum_v = sum_v / bc2 + utils.tree_size(nu) * eps_
     if axis_name is not None:
       sum_m2, sum_v = jax.lax.psum((sum_m2, sum_v), axis_name)
     fisher_ratio = sum_m2 / sum_v
@@ -216,24 +222,28 @@ def scale_by_soaa(
     inv_bc1 = 1 / bc1
     inv_bc2 = 1 / bc2
 
-    def direction(m, s, v):
+    def direction(m, s, v=None):
       dtype = jnp.promote_types(m.dtype, s.dtype)
       m_hat = m.astype(dtype) * inv_bc1.astype(dtype)
       s_hat = s.astype(dtype) * inv_bc2.astype(dtype)
-      v_hat = v.astype(dtype) * inv_bc2.astype(dtype)
-      fisher = (1 + fisher_ratio.astype(dtype)) * v_hat
-      scale = jnp.maximum(dt.astype(dtype) * fisher, jnp.sqrt(s_hat))
+      scale = jnp.sqrt(s_hat)
+      if v is not None:  # F = 0 for curvature="none": max(0, sqrt(ŝ)).
+        v_hat = v.astype(dtype) * inv_bc2.astype(dtype)
+        fisher = (1 + fisher_ratio.astype(dtype)) * v_hat
+        scale = jnp.maximum(dt.astype(dtype) * fisher, scale)
       return m_hat * dt.astype(dtype) / (scale + eps_.astype(dtype))
 
-    def predicted_reduction_terms(m, s, v):
+    def predicted_reduction_terms(m, s, v=None):
       # m̂·g_adj - ½ v̂·g_adj², recomputing g_adj so that the returned updates
       # keep a single consumer (and fuse into `apply_updates`).
       u = direction(m, s, v).astype(sdtype)
       m_hat = m.astype(sdtype) * inv_bc1
+      if v is None:
+        return u * m_hat
       v_hat = v.astype(sdtype) * inv_bc2
       return u * (m_hat - 0.5 * v_hat * u)
 
-    g_adj = jax.tree.map(direction, mu, nu, v_state)
+    g_adj = jax.tree.map(direction, *moments)
 
     loss_avg = state.loss_avg
     predicted_reduction = state.predicted_reduction
@@ -265,7 +275,7 @@ def scale_by_soaa(
         )
       else:
         total = utils.tree_sum(
-            predicted_reduction_terms, mu, nu, v_state, dtype=sdtype,
+            predicted_reduction_terms, *moments, dtype=sdtype,
             chunk_size=chunk_size,
         )
       # Both paths sum this device's leaves; the mapped axis is summed once.
@@ -306,7 +316,7 @@ def soaa(
     weight_decay: float = 0.0,
     *,
     total_steps: int,
-    curvature: str = "variance",
+    curvature: str = "second_moment",
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     weight_decay_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
@@ -322,8 +332,9 @@ def soaa(
 
     m ← b1 m + (1-b1) g            s ← b2 s + (1-b2) g²
     m̂ = m / (1-b1^t)               ŝ = s / (1-b2^t)
+    second_moment: v̂ = ŝ                                   (default)
     variance:      v ← b2 v + (1-b2) (g - m̂)²,  v̂ = v / (1-b2^t)
-    second_moment: v̂ = ŝ
+    none:          v̂ = 0
     r = Σ m̂² / Σ (v̂ + eps)         (one ratio of global sums, all leaves)
     F = (1 + r) v̂
     g_adj = m̂ dt / (max(dt F, sqrt(ŝ)) + eps)       (dt of step t-1)
@@ -335,12 +346,23 @@ def soaa(
 
   Readings of the paper chosen here (it leaves them open):
 
-  * ``v`` is updated as a centred variance (Tadam lineage; the paper
-    initialises it but never updates it). ``curvature="second_moment"`` uses
-    ``v̂ = ŝ`` instead, as the C++ port *nadir* does, at Adam's memory.
-  * At ``t = 1``, ``g - m̂`` is exactly 0 (as in exact arithmetic, where
-    ``m̂ = g``), so ``v`` is 0 after the first step in float32 and bfloat16
-    too, instead of rounding noise that ``r`` would amplify.
+  * The paper initialises ``v`` but never updates it. By default
+    (``curvature="second_moment"``) ``v̂ = ŝ``, the bias-corrected second
+    moment: the reading of both public ports of SOAA (the C++ library
+    *nadir* and the *zij* documentation, ``F = (1 + Σ m̂² / Σ (v̂ + ε)) v̂``),
+    at Adam's memory. ``curvature="variance"`` keeps a centred variance of
+    the gradients instead (the Tadam lineage the paper's "diagonal
+    covariance" suggests), one more params-sized array (1.5x Adam's state);
+    until version 0.1 it was the default. ``curvature="none"`` reads the
+    algorithm literally, ``v`` staying 0: ``F = 0``, the step is
+    ``m̂ dt / (sqrt(ŝ) + eps)`` and ``pr = α Σ m̂ g_adj`` (``r`` is still
+    reported, ``Σ m̂² / (n eps)``, and has no effect). It is an ablation: it
+    tells whether the Fisher term does anything on a problem. Same state as
+    ``"second_moment"``.
+  * With ``curvature="variance"``, at ``t = 1`` ``g - m̂`` is exactly 0 (as
+    in exact arithmetic, where ``m̂ = g``), so ``v`` is 0 after the first
+    step in float32 and bfloat16 too, instead of rounding noise that ``r``
+    would amplify.
   * ``dt``, ``pr`` and ``loss_avg`` are global scalars (one loss per model).
   * Without ``value``, or with a non-finite one, ``dt``, ``pr`` and
     ``loss_avg`` keep their values (a non-finite loss is counted in
@@ -380,8 +402,10 @@ def soaa(
     eps: numerical floor, >= 0.
     weight_decay: decoupled weight decay λ >= 0 (scaled by α).
     total_steps: T, a positive int; shapes the dt bounds.
-    curvature: ``"variance"`` (1.5x Adam's state) or ``"second_moment"``
-      (Adam's state plus a few scalars).
+    curvature: ``"second_moment"`` (default; Adam's state plus a few
+      scalars), ``"variance"`` (1.5x Adam's state) or ``"none"`` (the
+      literal reading, ``v̂ = 0``; Adam's state). Static: it chooses the
+      state's structure.
     mu_dtype: optional dtype of the first moment.
     nu_dtype: optional dtype of the second moment and curvature.
     weight_decay_mask: optional mask (or function of params) for the decay.

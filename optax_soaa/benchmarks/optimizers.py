@@ -125,12 +125,12 @@ REGISTRY: Dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "adam", "adam", _adam, description="optax.adam (reference)"),
         OptimizerSpec(
+            "soaa", "adam", _soaa("second_moment"), frozenset({VALUE}), "dt",
+            "optax_soaa.soaa (default curvature='second_moment'), "
+            "value=loss"),
+        OptimizerSpec(
             "soaa-variance", "adam", _soaa("variance"), frozenset({VALUE}),
             "dt", "optax_soaa.soaa(curvature='variance'), value=loss"),
-        OptimizerSpec(
-            "soaa-second_moment", "adam", _soaa("second_moment"),
-            frozenset({VALUE}), "dt",
-            "optax_soaa.soaa(curvature='second_moment'), value=loss"),
         OptimizerSpec(
             "arturo", "kl", _arturo, diagnostic="eta",
             description="optax_soaa.arturo; swept: kl_bound",

@@ -48,7 +48,8 @@ def _loss_value(step):
 OPTIMIZERS: Dict[str, Entry] = {
     "adam": Entry(lambda: optax.adam(1e-3)),
     "soaa-variance": Entry(
-        lambda: optax_soaa.soaa(1e-3, total_steps=10_000), _loss_value
+        lambda: optax_soaa.soaa(1e-3, total_steps=10_000, curvature="variance"),
+        _loss_value,
     ),
     "soaa-second_moment": Entry(
         lambda: optax_soaa.soaa(
@@ -59,7 +60,7 @@ OPTIMIZERS: Dict[str, Entry] = {
     # Without `value=` SOAA keeps dt fixed and skips the predicted-reduction
     # sum: these two entries measure what the trust-region feedback costs.
     "soaa-variance-fixed-dt": Entry(
-        lambda: optax_soaa.soaa(1e-3, total_steps=10_000)
+        lambda: optax_soaa.soaa(1e-3, total_steps=10_000, curvature="variance")
     ),
     "soaa-second_moment-fixed-dt": Entry(
         lambda: optax_soaa.soaa(
@@ -76,7 +77,8 @@ OPTIMIZERS: Dict[str, Entry] = {
     # what the kernels buy (the same rows as above otherwise).
     "soaa-variance-xla": Entry(
         lambda: optax_soaa.soaa(
-            1e-3, total_steps=10_000, reduction_chunk_size=_xla_chunk()),
+            1e-3, total_steps=10_000, curvature="variance",
+            reduction_chunk_size=_xla_chunk()),
         _loss_value,
     ),
     "soaa-second_moment-xla": Entry(
