@@ -157,12 +157,13 @@ def test_matches_numpy_float64(x64, case):
 
 
 def test_defaults_and_reference_gamma_reading():
-  """Defaults are the paper's; the reference code's one γ is a=0.1γ, b=0.01γ."""
+  """Defaults are the authors' code's a = 0.08, b = 0.008 (F ← a F + b F_new
+  from F = 1); the current code's one γ = 0.8 reads a = 0.1γ, b = 0.01γ."""
   params = {"w": jnp.ones((2, 3))}
   stats = {"w": LayerStats(h=jnp.array([1.0, 3.0]), s=jnp.array([0.0, 1.0, 2.0]))}
   tx = optax_soaa.scale_by_adafisher()
   _, state = jax.jit(tx.update)(params, tx.init(params), stats=stats)
-  np.testing.assert_allclose(state.h["w"], 0.92 + 0.008 * np.array([0, 1 / (1 + 0.5e-6)]), rtol=1e-6)
+  np.testing.assert_allclose(state.h["w"], 0.08 + 0.008 * np.array([0, 1 / (1 + 0.5e-6)]), rtol=1e-6)
   gamma = 0.8
   tx = optax_soaa.scale_by_adafisher(decay=0.1 * gamma, new_weight=0.01 * gamma)
   _, state = jax.jit(tx.update)(params, tx.init(params), stats=stats)
