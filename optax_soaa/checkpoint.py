@@ -22,15 +22,36 @@ With the same data order (derive each batch from ``(seed, step)``) the
 continued run is bit-identical to an uninterrupted one. orbax-checkpoint is
 imported only when these functions are called (``pip install
 optax-soaa[checkpoint]``); the optimizers never import it.
+
+A crash while saving loses nothing: a checkpoint becomes visible at its
+directory only once it is complete (orbax writes into a temporary sibling and
+renames it), and ``save(..., force=True)`` over an existing checkpoint writes
+the new one beside it and swaps them only when it is complete, so the old one
+stays restorable until then. :func:`restore` of a directory whose save was
+interrupted raises :class:`IncompleteCheckpointError` instead of reading
+part of it.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 from typing import Any, Optional
+import warnings
 
 import jax
 import numpy as np
+
+# Siblings of a checkpoint directory while `save(force=True)` replaces it:
+# the new checkpoint is complete at `<dir>.replacing` before the old one is
+# moved to `<dir>.replaced` and the new one into `<dir>`.
+_REPLACING = ".replacing"
+_REPLACED = ".replaced"
+
+
+class IncompleteCheckpointError(ValueError):
+  """A checkpoint directory was never completed (its save was interrupted)."""
 
 
 def _orbax():
@@ -68,21 +89,60 @@ def save(
 
   Args:
     directory: a new directory (made absolute); an existing one is an error
-      unless `force` is True, in which case it is replaced.
+      unless `force` is True, in which case it is replaced once the new
+      checkpoint is complete.
     params: the parameter pytree.
     opt_state: the optimizer state returned by ``tx.init``/``tx.update``.
     step: optional training step (e.g. the index of the next batch).
     force: overwrite an existing checkpoint.
   """
   ocp = _orbax()
+  path = os.path.abspath(directory)
   tree = {
       "params": params,
       "opt_state": opt_state,
       "step": np.asarray(-1 if step is None else step, np.int32),
   }
+  replace = os.path.exists(path)
+  if replace and not force:
+    raise ValueError(
+        f"A checkpoint already exists at {path}; pass force=True to replace "
+        "it (the old one stays restorable until the new one is complete).")
+  # A new directory appears only when complete (orbax renames its temporary
+  # directory at the end); a replacement is written beside the old one.
+  # `force=True` there only clears what an interrupted earlier save left.
+  target = path + _REPLACING if replace else path
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(directory), tree, force=force)
+    ckptr.save(target, tree, force=True)
     ckptr.wait_until_finished()
+  if replace:
+    if jax.process_index() == 0:
+      if os.path.exists(path + _REPLACED):
+        shutil.rmtree(path + _REPLACED)
+      os.rename(path, path + _REPLACED)
+      os.rename(target, path)
+      shutil.rmtree(path + _REPLACED)
+    ocp.multihost.sync_global_processes(f"optax_soaa_checkpoint_replace:{path}")
+
+
+def _readable(path: str) -> str:
+  """The complete checkpoint directory for `path`, or a clear error."""
+  if os.path.isdir(path):
+    return path
+  if os.path.isdir(path + _REPLACING):
+    # Interrupted between the two renames of a replacement: the new
+    # checkpoint was complete (the swap starts only then).
+    warnings.warn(
+        f"{path} was being replaced when a save was interrupted; reading the "
+        f"complete new checkpoint at {path + _REPLACING}.", RuntimeWarning)
+    return path + _REPLACING
+  leftovers = sorted(glob.glob(glob.escape(path) + ".orbax-checkpoint-tmp*"))
+  if leftovers:
+    raise IncompleteCheckpointError(
+        f"The checkpoint at {path} is incomplete: its save was interrupted "
+        f"before it finished (it left {leftovers[0]}). Restore an earlier "
+        "checkpoint; the next save to this path clears the leftover.")
+  raise FileNotFoundError(f"No checkpoint at {path}.")
 
 
 def restore(
@@ -102,16 +162,20 @@ def restore(
     ``(params, opt_state, step)``; `step` is None when none was saved.
 
   Raises:
+    IncompleteCheckpointError: the save that was writing `directory` was
+      interrupted (e.g. the process was killed) before it completed.
+    FileNotFoundError: there is no checkpoint at `directory`.
     ValueError: (from orbax) when the checkpoint's arrays do not match the
       target, e.g. an optimizer built with other options.
   """
   ocp = _orbax()
+  path = _readable(os.path.abspath(directory))
   target = {
       "params": _abstract(params_like),
       "opt_state": _abstract(opt_state_like),
       "step": jax.ShapeDtypeStruct((), np.int32),
   }
   with ocp.StandardCheckpointer() as ckptr:
-    out = ckptr.restore(os.path.abspath(directory), target)
+    out = ckptr.restore(path, target)
   step = int(out["step"])
   return out["params"], out["opt_state"], (None if step < 0 else step)
