@@ -43,6 +43,8 @@ import warnings
 import jax
 import numpy as np
 
+__all__ = ("IncompleteCheckpointError", "restore", "save")
+
 # Siblings of a checkpoint directory while `save(force=True)` replaces it:
 # the new checkpoint is complete at `<dir>.replacing` before the old one is
 # moved to `<dir>.replaced` and the new one into `<dir>`.

@@ -1,0 +1,117 @@
+"""The documentation site builds without warnings and is complete.
+
+Builds `docs/` with Sphinx once per session (`-E -W -n`: from scratch,
+warnings are errors, every cross-reference checked), then checks that every
+public symbol has an API page, that the CLI page documents every option, that
+the notebooks are rendered from executed copies that match their sources, and
+that the built index page renders in a real browser (headless Chromium; the
+test is skipped, saying why, when Chromium is not installed).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("sphinx")
+pytest.importorskip("myst_nb")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+  out = tmp_path_factory.mktemp("site")
+  doctrees = tmp_path_factory.mktemp("doctrees")
+  proc = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-E", "-W", "-n", "--keep-going", "-q",
+       "-d", str(doctrees), "-b", "html", str(DOCS), str(out)],
+      capture_output=True, text=True, cwd=ROOT, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+  return out
+
+
+def _public_names():
+  import optax_soaa  # pylint: disable=g-import-not-at-top
+  import optax_soaa.checkpoint  # pylint: disable=g-import-not-at-top
+  import optax_soaa.flax  # pylint: disable=g-import-not-at-top
+  names = [f"optax_soaa.{n}" for n in optax_soaa.__all__]
+  names += [f"optax_soaa.flax.{n}" for n in optax_soaa.flax.__all__]
+  names += [f"optax_soaa.checkpoint.{n}" for n in optax_soaa.checkpoint.__all__]
+  return names
+
+
+def test_every_public_symbol_has_an_api_page(site):
+  missing = [n for n in _public_names()
+             if not (site / "_autosummary" / f"{n}.html").is_file()]
+  assert not missing, missing
+
+
+def test_every_page_of_the_toctree_was_built(site):
+  for page in ["index", "getting_started", "algorithms/soaa",
+               "algorithms/arturo", "algorithms/adafisher", "distributed",
+               "reliability", "benchmarks", "api", "cli", "changelog",
+               "internals", "search"]:
+    assert (site / f"{page}.html").is_file(), page
+
+
+def test_cli_page_documents_every_option(site):
+  from optax_soaa import bench  # pylint: disable=g-import-not-at-top
+  text = (site / "cli.html").read_text()
+  for action in bench.build_parser()._actions:  # pylint: disable=protected-access
+    for option in action.option_strings:
+      assert option in text, option
+
+
+def _sources(nb_path):
+  cells = json.loads(nb_path.read_text())["cells"]
+  return [(c["cell_type"], "".join(c["source"])) for c in cells]
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")))
+def test_notebook_rendered_from_its_executed_copy(site, name):
+  executed = DOCS / "notebooks" / f"{name}.ipynb"
+  assert executed.is_file(), f"run `python docs/execute_notebooks.py {name}`"
+  # The executed copy has the notebook's cells, unchanged: it is not stale.
+  assert _sources(executed) == _sources(ROOT / "notebooks" / f"{name}.ipynb")
+  cells = json.loads(executed.read_text())["cells"]
+  outputs = [o for c in cells if c["cell_type"] == "code" for o in c["outputs"]]
+  assert any("image/png" in o.get("data", {}) for o in outputs)
+  assert not [o for o in outputs if o["output_type"] == "error"]
+  html = (site / "notebooks" / f"{name}.html").read_text()
+  assert "<img" in html
+
+
+def _chromium():
+  for name in ("chromium", "chromium-browser", "google-chrome"):
+    path = shutil.which(name)
+    if path:
+      return path
+  return None
+
+
+@pytest.mark.skipif(_chromium() is None,
+                    reason="no Chromium installed (Debian: apt-get install "
+                           "chromium); the browser check needs one")
+def test_index_page_renders_in_a_browser(site, tmp_path):
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  shot = tmp_path / "index.png"
+  subprocess.run(
+      [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+       "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1280,900",
+       (site / "index.html").as_uri()],
+      check=True, capture_output=True, timeout=120)
+  pixels = matplotlib.image.imread(shot)[..., :3]
+  assert pixels.shape[:2] == (900, 1280)
+  # Not blank: text and the sidebar give many distinct colours and dark ink.
+  colours = np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+  assert len(colours) > 50, len(colours)
+  assert (pixels.mean(-1) < 0.4).mean() > 0.002
