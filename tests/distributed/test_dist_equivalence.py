@@ -53,7 +53,7 @@ def _arturo(axis_name):
 
 def _adafisher(axis_name):
   return optax_soaa.adafisherw(
-      3e-2, stats_every=2, weight_decay=1e-3, axis_name=axis_name
+      1e-3, stats_every=2, weight_decay=1e-3, axis_name=axis_name
   )
 
 
