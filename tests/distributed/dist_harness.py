@@ -114,8 +114,8 @@ def _value_grad(case: Case, loss_fn, stats_axis=None):
 def global_array(host: np.ndarray, sharding: jax.sharding.Sharding):
   """`host` (the same on every process) as a global array with `sharding`.
 
-  Each process materialises only the shards of its own devices, which is what
-  ``jax.device_put`` cannot do for devices of other processes.
+  Each process builds only the shards of its own devices, as a data loader
+  of a multi-process run would.
   """
   host = np.asarray(host)
   return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
