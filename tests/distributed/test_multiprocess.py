@@ -40,8 +40,8 @@ RUN_TIMEOUT = 300
 # Short timeouts of jax.distributed for the death test (JAX's defaults: 100
 # and 300 s): a process that stops sending heartbeats for HEARTBEAT seconds is
 # dead; a process that exits waits SHUTDOWN seconds for the others to exit.
-HEARTBEAT = 5
-SHUTDOWN = 5
+HEARTBEAT = 10
+SHUTDOWN = 10
 # Failure detection must take at most this long after the death.
 DEATH_DETECTED_WITHIN = max(HEARTBEAT, SHUTDOWN) + 25
 FATAL = "JAX distributed service detected fatal errors"
