@@ -1,7 +1,8 @@
 """One process of a multi-process run, started by test_multiprocess.py.
 
     python tests/distributed/multiprocess_worker.py MODE --process-id I \\
-        --num-processes N --port PORT --out DIR [--heartbeat S]
+        --num-processes N --port PORT --out DIR [--heartbeat S] \\
+        [--shutdown S] [--victim I] [--victim-raises]
 
 with XLA_FLAGS=--xla_force_host_platform_device_count=D in the environment:
 N processes of D simulated CPU devices each, joined by
@@ -15,7 +16,7 @@ tests use; the final FSDP params and state saved with
 ``optax_soaa.checkpoint.save`` to DIR/from_multi/NAME; the checkpoints that
 one process wrote to DIR/from_one/NAME restored into another layout
 (RESTORE_LAYOUT); all results gathered and written by process 0 to
-DIR/results.npz (see `save_trees`).
+DIR/results.npz (see `flatten_trees`).
 
 MODE "die-after-first-step": SOAA under sharded jit; after its first step
 process VICTIM (--victim) writes DIR/victim_stepped and waits to be killed
@@ -45,7 +46,7 @@ from optax_soaa import checkpoint  # pylint: disable=g-import-not-at-top,wrong-i
 # The checkpoints are restored onto a (data, fsdp) mesh other than the
 # (DATA, FSDP) = (4, 2) one that saved them: every param split 4 ways.
 RESTORE_LAYOUT = (2, 4)
-# Bounded waits (seconds) for jax.distributed; see docs/distributed.md.
+# How long (seconds) a process waits for the others to join.
 INIT_TIMEOUT = 60
 VICTIM_ERROR = "this process fails after its first step"
 
