@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--resume", action="store_true",
                  help="continue the run whose results.json is in --out:"
                       " finished optimizers and seeds are kept, not rerun")
+  p.add_argument("--plan", action="store_true",
+                 help="time every optimizer's step, print the expected wall"
+                      " time of the run, and stop (trains nothing, writes"
+                      " nothing)")
   p.add_argument("--execution", choices=runner_lib.EXECUTIONS,
                  default="auto",
                  help="how the values train: vmapped together (a GPU) or one"
@@ -200,7 +204,8 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
   out = pathlib.Path(args.out) / name if (
       args.out and len(args.tasks_list) > 1) else pathlib.Path(
           args.out or pathlib.Path("bench_results") / name)
-  out.mkdir(parents=True, exist_ok=True)
+  if not args.plan:
+    out.mkdir(parents=True, exist_ok=True)
   path = out / report.RESULTS_FILE
   task_desc = task.describe()
 
@@ -289,6 +294,8 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
        " evaluation); timing took"
        f" {_duration(time.perf_counter() - t_start)}")
 
+  if args.plan:
+    return dict(expected_s=expected, timings=timings)
   payload = save(complete=not todo)
   for opt in todo:
     spec = opt_lib.REGISTRY[opt]
@@ -332,6 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.tasks_list = _split_list(args.tasks)
     if args.tuned_from and not args.tuned:
       raise SystemExit("--tuned-from needs --tuned")
+    if args.plan and args.write_benchmarks_md:
+      raise SystemExit("--plan writes nothing; drop --write-benchmarks-md")
     for t in args.tasks_list:
       if t not in tasks_lib.TASKS:
         raise SystemExit(f"unknown task {t!r}; choose from {tasks_lib.TASKS}")

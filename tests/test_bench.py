@@ -116,6 +116,15 @@ def test_soaa_dt_recorded_every_step_within_its_bounds(results):
   side = runner_lib.clip_side(np.asarray(curves["per_step"]["dt"], np.float32),
                               np.asarray(ratio, np.float32))
   np.testing.assert_allclose(lower, (side == -1).reshape(-1, every, 2).mean(1))
+  # Against SOAA's bounds (gamma 0.1, T = the run's steps): a step read as
+  # clipped sits on its bound; an unclipped one lies within them.
+  t = np.arange(1, STEPS + 1)[:, None]
+  low, high = 0.9 ** ((t - 1) / STEPS), 1 + 0.1 ** ((t - 1) / STEPS)
+  on = lambda b: np.isclose(dt, b, rtol=1e-5)
+  assert on(np.broadcast_to(low, dt.shape))[side == -1].all()
+  assert on(np.broadcast_to(high, dt.shape))[side == 1].all()
+  assert ((dt >= low - 1e-6) & (dt <= high + 1e-6))[side == 0].all()
+  assert (side != 0).any()
   assert results["optimizers"]["adam"]["curves"][0]["diagnostic"][0] is None
   assert results["optimizers"]["adam"]["curves"][0]["per_step"] == {}
 

@@ -308,3 +308,14 @@ def test_real_kfac_trains_digits():
   assert r["status"] == "ok", r.get("reason")
   test = np.asarray(r["curves"][0]["test_loss"], np.float64)
   assert np.isfinite(test).all()
+
+
+def test_plan_prints_the_expected_wall_time_and_trains_nothing(
+    tmp_path, capsys):
+  out = tmp_path / "run"
+  assert bench.main(BASE + ["--optimizers", "adam", "--out", str(out),
+                            "--plan"]) == 0
+  err = capsys.readouterr().err
+  assert "adam:" in err and "ms/step" in err
+  assert "expected wall time about" in err
+  assert not out.exists()

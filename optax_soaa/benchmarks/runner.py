@@ -12,9 +12,9 @@ execution plans run it, and both feed the same recording code:
   every member at once (one compile; the right plan on a GPU).
 * ``"sequential"``: the members train one after another, one jitted step per
   call. On XLA:CPU this is the fast plan: a vmapped convolution there runs
-  several times slower per member than the plain one, and a convolution
-  inside a ``lax.scan`` (a while loop) slower still, by up to two orders of
-  magnitude on the Fashion-MNIST CNN.
+  several times slower per member than the plain one (about 4x for the
+  Fashion-MNIST CNN at batch 255), and the same step inside a ``lax.scan``
+  (a while loop) tens of times slower.
 
 ``"auto"`` picks ``sequential`` on the CPU and ``vmap`` elsewhere. K-FAC
 (kfac-jax's own optimizer, which compiles its own step) always runs
@@ -227,26 +227,25 @@ class _KfacPlan:
         spec.scale))(jnp.arange(task.num_steps)), np.float64)
     self._opt, self._settings = kfac_baseline.make_optimizer(
         task.train_logits, task.tokens_per_example, **task.hp.get("kfac", {}))
-    self._batch = jax.jit(task.get_batch)
+    self.batch = jax.jit(task.get_batch)
     self._first = None  # this seed's first batches, for the burn-in.
 
   def start_seed(self, data, idx: np.ndarray):
     n = self._settings["num_burnin_steps"]
-    self._first = [self._batch(data, i) for i in idx[: max(1, n)]]
+    self._first = [self.batch(data, i) for i in idx[: max(1, n)]]
 
   def init(self, params, values: np.ndarray):
-    (value,) = values
+    del values  # given to every step (`run`)
     params = jax.tree.map(jnp.copy, params)
-    member = kfac_baseline.Member(self._opt, self._settings, params,
-                                  jax.random.key(0), self._first)
-    return member
+    return kfac_baseline.Member(self._opt, self._settings, params,
+                                jax.random.key(0), self._first)
 
   def run(self, member, values, data, idx, steps, key):
     (value,) = values
     losses, damping = [], []
     for i, step in zip(idx, steps):
       lr = value * self._multiplier[step]
-      loss, damp = member.step(self._batch(data, i), lr,
+      loss, damp = member.step(self.batch(data, i), lr,
                                jax.random.fold_in(key, step))
       losses.append(loss)
       damping.append(damp)
@@ -428,7 +427,7 @@ class TaskRunner:
     batch_loss = np.full((n_chunks, len(values)), np.nan)
     per_step = {n: np.zeros((task.num_steps, len(values)), np.float32)
                 for n in names}
-    interval_s = []
+    interval_s, first_interval_s = [], None
     for members in groups:
       carry = plan.init(params0, values[members])
       evals[0].append(self._evaluate_timed(plan, carry))
@@ -439,9 +438,11 @@ class TaskRunner:
         carry, losses, diag = plan.run(carry, values[members], self.data,
                                        idx[steps], steps, dropout_key)
         losses, diag = jax.device_get((losses, diag))
+        seconds = time.perf_counter() - t0
         if c:  # the first interval includes compilation.
-          interval_s.append((time.perf_counter() - t0) / (
-              task.eval_every * len(members)))
+          interval_s.append(seconds / (task.eval_every * len(members)))
+        elif first_interval_s is None:
+          first_interval_s = seconds
         batch_loss[c, members] = np.mean(np.asarray(losses, np.float64), 0)
         for n in names:
           per_step[n][steps[:, None], members] = np.asarray(diag[n])
@@ -449,7 +450,10 @@ class TaskRunner:
         if bar is not None:
           bar.update(task.eval_every * len(members))
           bar.set_postfix(seed=seed)
-    return self._curves(seed, spec, evals, batch_loss, per_step, interval_s)
+    curves = self._curves(seed, spec, evals, batch_loss, per_step, interval_s)
+    # With the median step above: this seed's compilation and warm-up.
+    curves["first_interval_s"] = first_interval_s
+    return curves
 
   def _evaluate_timed(self, plan, carry):
     t0 = time.perf_counter()
@@ -514,7 +518,7 @@ class TaskRunner:
     plan.start_seed(self.data, idx)
     member = plan.init(self._init(jax.random.key(0)), [self.task.centers[
         spec.scale]])
-    batch = plan._batch(self.data, idx[0])  # pylint: disable=protected-access
+    batch = plan.batch(self.data, idx[0])
     lr = self.task.centers[spec.scale]
     key = jax.random.key(7)
 
