@@ -194,8 +194,11 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"{name}: {e}") from e
   mode = "tuned" if args.tuned else "sweep"
-  tuned = (tuned_values(task, optimizers, args.tuned_from)
-           if args.tuned else {})
+  # Unavailable optimizers are reported as such; they need no tuned value.
+  unavailable = {o: opt_lib.REGISTRY[o].available() for o in optimizers}
+  unavailable = {o: why for o, why in unavailable.items() if why}
+  tuned = (tuned_values(task, [o for o in optimizers if o not in unavailable],
+                        args.tuned_from) if args.tuned else {})
   pairs = args.timing_pairs or (3 if args.quick else 15)
   seeds = tuple(range(max(1, args.seeds)))
   runner = runner_lib.TaskRunner(task, seeds=seeds, timing_pairs=pairs,
@@ -224,6 +227,8 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
   earlier_wall = previous.get("wall_s", 0.0) if previous else 0.0
 
   def values_of(opt):
+    if opt in unavailable:
+      return []
     if mode == "tuned":
       return [tuned[opt][0]]
     return runner.values(opt_lib.REGISTRY[opt]).tolist()
@@ -231,9 +236,13 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
   results: Dict[str, Dict[str, Any]] = {}
   kept: Dict[str, Dict[str, Any]] = {}
   for opt in optimizers:
-    old = (previous.get("optimizers") or {}).get(opt)
-    if old and old.get("status") == "ok" and np.allclose(
-        old.get("values", []), values_of(opt), rtol=1e-6):
+    # Kept only when it trained the same values (a changed sweep or tuned
+    # value trains again).
+    old = (previous.get("optimizers") or {}).get(opt) or {}
+    old_values, new_values = old.get("values", []), values_of(opt)
+    if (old.get("status") == "ok" and new_values
+        and len(old_values) == len(new_values)
+        and np.allclose(old_values, new_values, rtol=1e-6)):
       kept[opt] = old
       if set(seeds) <= {c["seed"] for c in old["curves"]}:
         results[opt] = old
@@ -258,7 +267,7 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
        + (f"; kept from {path}: {', '.join(o for o in optimizers if o in results)}"
           if len(todo) < len(optimizers) else ""))
   for opt in optimizers:
-    if mode == "tuned":
+    if mode == "tuned" and opt in tuned:
       _log(f"  {opt}: {opt_lib.REGISTRY[opt].swept} = {tuned[opt][0]:.6g}"
            f" ({tuned[opt][1]})")
 
@@ -271,16 +280,16 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
     spec = opt_lib.REGISTRY[opt]
     if kept.get(opt, {}).get("timing"):
       timings[opt] = kept[opt]["timing"]
-    elif spec.available() is None:
+    elif opt in unavailable:
+      _log(f"  {opt}: unavailable ({unavailable[opt]})")
+      continue
+    else:
       try:
         timings[opt] = runner.time_step(spec)
       except Exception as e:  # pylint: disable=broad-except
         _log(f"  {opt}: timing failed ({type(e).__name__}: {e}); it will be"
              " reported as an error")
         continue
-    else:
-      _log(f"  {opt}: unavailable ({spec.available()})")
-      continue
     done = {c["seed"] for c in kept.get(opt, {}).get("curves", [])}
     left = len([s for s in seeds if s not in done])
     secs = runner.expected_seconds(timings[opt], len(values_of(opt)), left)

@@ -1,6 +1,7 @@
 """The benchmark tool's run modes: resume, tuned, epochs, plans and K-FAC."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import types
@@ -86,17 +87,21 @@ def test_resume_refuses_a_different_run(tmp_path):
 # -- tuned mode -------------------------------------------------------------------
 
 
-def test_tuned_mode_takes_the_sweeps_picked_values(tmp_path):
+def test_tuned_mode_takes_the_sweeps_picked_values(tmp_path, monkeypatch):
   sweep = tmp_path / "sweep"
   _main(BASE + ["--optimizers", "soaa", "--out", str(sweep)])
   with pytest.raises(SystemExit, match="no tuned value for adam, soaa"):
     _main(BASE + ["--optimizers", "soaa", "--tuned", "--out",
                   str(tmp_path / "x")])
   tuned = tmp_path / "tuned"
-  _main(BASE + ["--optimizers", "soaa", "--tuned", "--seeds", "2",
+  # An unavailable optimizer needs no tuned value: it is listed as such.
+  monkeypatch.setitem(opt_lib.REGISTRY, "kfac", dataclasses.replace(
+      opt_lib.REGISTRY["kfac"], available=lambda: "not installed here"))
+  _main(BASE + ["--optimizers", "soaa", "kfac", "--tuned", "--seeds", "2",
                 "--tuned-from", str(sweep / report.RESULTS_FILE),
                 "--out", str(tuned)])
   picked, got = _load(sweep), _load(tuned)
+  assert got["optimizers"]["kfac"]["status"] == "unavailable"
   assert got["mode"] == "tuned" and got["seeds"] == [0, 1]
   for name in ("adam", "soaa"):
     r = got["optimizers"][name]
