@@ -309,14 +309,18 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
   for opt in todo:
     spec = opt_lib.REGISTRY[opt]
 
+    def with_source(result, opt=opt):
+      if mode == "tuned" and result.get("status") == "ok":
+        result["value_source"] = tuned[opt][1]
+      return result
+
     def on_seed(partial, opt=opt):
-      results[opt] = partial
+      results[opt] = with_source(partial)
       save(complete=False)
 
-    results[opt] = runner.run(spec, values_of(opt), previous=kept.get(opt),
-                              on_seed=on_seed, timing=timings.get(opt))
-    if mode == "tuned" and results[opt].get("status") == "ok":
-      results[opt]["value_source"] = tuned[opt][1]
+    results[opt] = with_source(runner.run(
+        spec, values_of(opt), previous=kept.get(opt), on_seed=on_seed,
+        timing=timings.get(opt)))
     payload = save(complete=opt == todo[-1])
     r = results[opt]
     _log(f"{opt}: {r.get('status')}"

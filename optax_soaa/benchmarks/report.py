@@ -353,8 +353,7 @@ def write_plots(payload: Dict[str, Any], out_dir: os.PathLike) -> List[str]:
       got = _per_step(r, diag)
       if got is None or not np.isfinite(got[1]).any():
         continue
-      ax.plot(*got, color=styles[name]["color"], lw=0.6, alpha=0.8,
-              label=f"{name}")
+      ax.plot(*got, **styles[name], lw=0.8, alpha=0.8, label=name)
       drawn = True
     if drawn:
       ax.legend(fontsize=8)
