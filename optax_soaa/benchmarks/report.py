@@ -221,7 +221,7 @@ def markdown_report(payload: Dict[str, Any], heading_level: int = 2) -> str:
   epochs = task.get("epochs")
   length = f"steps: {task['num_steps']}" + (
       f" ({epochs:.3g} epochs)" if epochs else "") + (
-          f" (batch {task['batch_size']})")
+          f", batch {task['batch_size']}")
   if tuned:
     mode = ("mode: **tuned** (each optimizer at its tuned value, no sweep;"
             " sources under the table)")
