@@ -39,13 +39,18 @@ def _specs():
   }
 
 
-def test_soaa_state_specs_mirror_params():
-  opt = optax_soaa.soaa(1e-3, total_steps=10)
+@pytest.mark.parametrize("curvature", ["second_moment", "variance"])
+def test_soaa_state_specs_mirror_params(curvature):
+  opt = optax_soaa.soaa(1e-3, total_steps=10, curvature=curvature)
   specs = optax_soaa.state_partition_specs(opt, _params(), _specs())
   soaa_specs = specs[0]
   assert isinstance(soaa_specs, optax_soaa.SOAAState)
-  for field in ("mu", "nu", "curvature"):
+  mirrored = ("mu", "nu", "curvature") if curvature == "variance" else (
+      "mu", "nu")
+  for field in mirrored:
     assert getattr(soaa_specs, field) == _specs(), field
+  if curvature != "variance":
+    assert soaa_specs.curvature is None
   for field in ("count", "dt", "loss_avg", "predicted_reduction",
                 "trust_ratio", "fisher_ratio", "skipped_values"):
     assert getattr(soaa_specs, field) == P(), field
