@@ -179,3 +179,16 @@ def test_donated_step_writes_state_in_place(name):
                           curvature=name.split("-")[1])
     extra = {"value": jnp.float32(1.0)}
   assert _large_copies(_compiled_step(opt, _PARAMS, extra), 16384) == []
+
+
+def test_a_pass_over_no_leaves_sums_to_zero():
+  # An empty params tree (a model with nothing to train yet): the sums of
+  # every pass are zeros of the right length, and both optimizers step.
+  result = passes.run("test", ({},), ({}, {}, {}), dict(shift=1.0, decay=0.5),
+                      update=_update, terms=_terms)
+  chex.assert_trees_all_equal(result.sums, jnp.zeros(2))
+  for opt in (optax_soaa.soaa(0.1, total_steps=10),
+              optax_soaa.arturo(**tasks.ARTURO_FMNIST)):
+    updates, state = opt.update({}, opt.init({}), {}, value=1.0)
+    assert updates == {}
+    assert int(optax.tree.get(state, "count")) == 1

@@ -139,10 +139,6 @@ def _filtered_kl_terms(g, p, lam, b, h, *covariances, **scalars):
   return _kl_terms(p, b, h, lam, **scalars)
 
 
-def _bisection_kl_terms(p, b, h, lam, **scalars):
-  return _kl_terms(p, b, h, lam, **scalars)
-
-
 def _step(g, p, b, h, lam, *, eta, **scalars):
   """The final pass: θ - μ_new(η), with θ before the weight decay."""
   _, mu = _new_mean(eta.astype(b.dtype), p, b, h, lam, **scalars)
@@ -295,7 +291,7 @@ def scale_by_arturo(
       """½ Σ λ (μ_new(η_k) - θ)² for each η_k in `etas`, shape (K,)."""
       return 0.5 * passes.run(
           "arturo/kl", (params, b, h, lam), (), dict(model, etas=etas),
-          terms=_bisection_kl_terms, sum_dtype=sdtype, chunk_size=chunk,
+          terms=_kl_terms, sum_dtype=sdtype, chunk_size=chunk,
           axis_name=axis_name,
       ).sums
 

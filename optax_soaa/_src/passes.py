@@ -62,7 +62,7 @@ class Result(NamedTuple):
 
   states: tuple  # The new states, trees like the `states` given.
   sums: Optional[jax.Array]  # shape=(K,): `terms` summed over every element.
-  outputs: Any  # A tree like the inputs of `output`'s results, or None.
+  outputs: Any  # `output`'s arrays, a tree like `inputs[0]`; or None.
 
 
 def run(
@@ -134,6 +134,9 @@ def run(
         sums = total if sums is None else sums + total
       if output is not None:
         out_leaves.append(output(*ins, *new, **scalars))
+    if terms is not None and sums is None:  # No leaves: K sums of nothing.
+      empty = [jnp.zeros((0,), sum_dtype)] * (len(inputs) + len(states))
+      sums = _sums(terms(*empty, **scalars), sum_dtype)
     if sums is not None and axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
   new_states = tuple(

@@ -1,4 +1,4 @@
-"""SOAA: Second-Order Adaptive Approximation (arXiv 2410.02293)."""
+"""SOAA: SecondOrderAdaptiveAdam (arXiv 2410.02293)."""
 
 from __future__ import annotations
 

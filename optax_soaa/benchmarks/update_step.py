@@ -48,13 +48,18 @@ def _loss_value(step):
   return {"value": 1.0 / (1.0 + 0.01 * step.astype(jnp.float32))}
 
 
+# The `chunk_size` of the rows that do not set one (--chunk-size).
+_layout = {"chunk_size": "auto"}
+
+
 def _soaa(curvature="second_moment", **options):
   return lambda: optax_soaa.soaa(
-      1e-3, total_steps=10_000, curvature=curvature, **options)
+      1e-3, total_steps=10_000, curvature=curvature, **{**_layout, **options})
 
 
 def _arturo(**options):
-  return lambda: optax_soaa.arturo(**tasks.ARTURO_FMNIST, **options)
+  return lambda: optax_soaa.arturo(
+      **tasks.ARTURO_FMNIST, **{**_layout, **options})
 
 
 # The floors (float32 arrays of parameter size moved per step):
@@ -296,6 +301,9 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
   parser.add_argument("--repeats", type=int, default=1,
                       help="Blocks of --pairs pairs, each reported apart.")
   parser.add_argument("--steps-per-timing", type=int, default=5)
+  parser.add_argument("--chunk-size", type=int, default=None,
+                      help="Slice length of the rows that use chunk_size="
+                      "'auto' (default: what 'auto' picks here).")
   parser.add_argument("--json", type=str, default=None,
                       help="Also write the results to this JSON file.")
   parser.add_argument("--markdown", type=str, default=None,
@@ -304,6 +312,8 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
   args = parser.parse_args(argv)
   num_params = args.num_params or (1_000_000 if args.quick else 10_000_000)
   pairs = args.pairs or (5 if args.quick else 15)
+  if args.chunk_size is not None:
+    _layout["chunk_size"] = args.chunk_size
   results = run(args.optimizers, num_params, pairs, args.steps_per_timing,
                 args.repeats)
   loads = ", ".join(f"{a:.1f} -> {b:.1f}"
@@ -312,7 +322,8 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
       f"update+apply step, {results['num_params']:,} params, {args.repeats} "
       f"x {pairs} pairs, {args.steps_per_timing} steps per timing, backend="
       f"{jax.default_backend()} ({jax.devices()[0].device_kind}), "
-      f"{platform.processor() or platform.machine()}, jax {jax.__version__}; "
+      f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
+      f"chunk_size={_layout['chunk_size']!r}; "
       f"1-minute load average before -> after each repeat: {loads}"
   )
   print(header)
