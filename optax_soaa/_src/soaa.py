@@ -75,15 +75,17 @@ def _direction(m, s, *v, inv_bc1, inv_bc2, dt, eps, fisher_scale, **_):
   return m_hat * cast(dt) / (scale + cast(eps))
 
 
-def _predicted_reduction_terms(m, s, *v, sum_dtype, **scalars):
-  """m g_adj and v g_adj², with g_adj recomputed (the returned updates then
-  keep a single consumer, and fuse into `apply_updates`). The bias
-  corrections multiply the sums: Σ m̂ g_adj = Σ m g_adj / bc1."""
+def _predicted_reduction_terms(m, s, *v, sum_dtype, curvature_weight,
+                               **scalars):
+  """(m̂ g_adj - ½ v̂ g_adj²) bc1, with g_adj recomputed (the returned
+  updates then keep a single consumer, and fuse into `apply_updates`).
+  m and v enter unscaled (`curvature_weight` = ½ bc1 / bc2): XLA then needs
+  no m̂ or v̂ array."""
   u = _direction(m, s, *v, **scalars).astype(sum_dtype)
-  m_u = m.astype(sum_dtype) * u
-  if not v:
-    return (m_u,)
-  return m_u, v[0].astype(sum_dtype) * jnp.square(u)
+  terms = m.astype(sum_dtype) * u
+  if v:
+    terms = terms - v[0].astype(sum_dtype) * jnp.square(u) * curvature_weight
+  return (terms,)
 
 
 def _chunk_size_option(chunk_size, reduction_chunk_size):
@@ -238,6 +240,7 @@ def scale_by_soaa(
     step_scalars = dict(
         inv_bc1=1 / bc1, inv_bc2=1 / bc2, dt=dt, eps=eps_,
         fisher_scale=1 + fisher_ratio, sum_dtype=sdtype,
+        curvature_weight=0.5 * bc1 / bc2,
     )
     with_loss = value is not None
     step = passes.run(
@@ -267,11 +270,7 @@ def scale_by_soaa(
       lower = (1 - gamma_) ** exponent
       upper = 1 + gamma_**exponent
       new_dt = jnp.clip(new_trust_ratio * dt, lower, upper)
-      # pr = α (Σ m̂ g_adj - ½ Σ v̂ g_adj²).
-      new_pr = step.sums[0] / bc1
-      if v_state:
-        new_pr = new_pr - 0.5 * step.sums[1] / bc2
-      new_pr = lr * new_pr
+      new_pr = lr * step.sums[0] / bc1
       keep = lambda new, old: jnp.where(finite, new, old)
       loss_avg = keep(new_loss_avg, loss_avg)
       dt = keep(new_dt, dt)
