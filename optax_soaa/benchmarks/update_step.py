@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 import optax_soaa
+from optax_soaa._src import passes
 from optax_soaa.benchmarks import tasks
 
 
@@ -286,7 +287,7 @@ _NOTES = """\
   step reads θ, b, h, λ and writes θ (plus 4 per bisection pass beyond the
   filter's).
 - The `-whole` rows time the whole-array layout on this backend: on a single
-  CPU device "auto" runs the passes in slices of 8192 elements instead.
+  CPU device "auto" runs the passes in slices of {chunk} elements instead.
 """
 
 
@@ -341,7 +342,8 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{os.cpu_count()} CPU cores. Do not edit by hand: rerun the "
           "command.\n\n"
-          f"{header}\n\n{format_table(results)}\n\n{_NOTES}"
+          f"{header}\n\n{format_table(results)}\n\n"
+          + _NOTES.format(chunk=passes.CPU_CHUNK_SIZE)
       )
   return results
 
