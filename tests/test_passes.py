@@ -192,3 +192,26 @@ def test_a_pass_over_no_leaves_sums_to_zero():
     updates, state = opt.update({}, opt.init({}), {}, value=1.0)
     assert updates == {}
     assert int(optax.tree.get(state, "count")) == 1
+
+
+@pytest.mark.parametrize("name", ["soaa", "arturo"])
+def test_sliced_step_exports(name):
+  # Pure JAX on every layout: the sliced step exports with jax.export (a
+  # custom call into a library would not), and the exported step gives the
+  # jitted step's numbers.
+  if name == "arturo":
+    opt, extra = optax_soaa.arturo(**tasks.ARTURO_FMNIST, chunk_size=64), {}
+  else:
+    opt = optax_soaa.soaa(1e-3, total_steps=100, chunk_size=64)
+    extra = {"value": jnp.float32(1.0)}
+  params = {"w": jnp.linspace(-1.0, 1.0, 300).reshape(3, 100)}
+  grads = jax.tree.map(jnp.sin, params)
+
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  exported = jax.export.export(jax.jit(step))(params, state, grads)
+  chex.assert_trees_all_close(exported.call(params, state, grads),
+                              jax.jit(step)(params, state, grads), rtol=1e-6)
