@@ -12,6 +12,7 @@ from optax_soaa._src.adafisher import LayerStats
 from optax_soaa._src.adafisher import scale_by_adafisher
 from optax_soaa._src.arturo import arturo
 from optax_soaa._src.arturo import ArturoState
+from optax_soaa._src.arturo import scale_by_arturo
 from optax_soaa._src.soaa import scale_by_soaa
 from optax_soaa._src.soaa import soaa
 from optax_soaa._src.soaa import SOAAState
@@ -28,6 +29,7 @@ __all__ = (
     "scale_by_adafisher",
     "arturo",
     "ArturoState",
+    "scale_by_arturo",
     "scale_by_soaa",
     "soaa",
     "SOAAState",
