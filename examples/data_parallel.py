@@ -85,19 +85,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def make_optimizer(name: str, learning_rate: float, total_steps: int):
-  # On one CPU device "auto" runs the fused CPU kernels (or slice loops);
-  # either would make XLA gather a sharded leaf whole, which defeats FSDP, so
-  # across several devices the passes run over whole (sharded) leaves.
-  chunk = "auto" if jax.device_count() == 1 else None
+  # The default chunk_size="auto" slices the passes on one CPU device only:
+  # across several devices they run over whole (sharded) leaves, as FSDP
+  # needs (slicing would make XLA gather a sharded leaf).
   if name == "soaa":
-    return optax_soaa.soaa(learning_rate, total_steps=total_steps,
-                           reduction_chunk_size=chunk)
+    return optax_soaa.soaa(learning_rate, total_steps=total_steps)
   if name == "arturo":
     # The reference's tuned Fashion-MNIST values; the KL bound is swept.
     return optax_soaa.arturo(
         learning_rate, reg_weight=0.0587, prior_prec=0.0015,
         dynamic_model_noise=0.0174, measurement_noise=2.82,
-        start_filter_cov=5e-5, nu=1.3, chunk_size=chunk)
+        start_filter_cov=5e-5, nu=1.3)
   if name == "adafisher":
     return optax_soaa.adafisherw(learning_rate, stats_every=10)
   return optax.adam(learning_rate)

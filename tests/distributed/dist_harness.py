@@ -346,16 +346,17 @@ def run_shard_map(case: Case, axis_name: Optional[str] = "default",
 # The optimizers under test, shared by the tests of this directory and by the
 # multi-process worker.
 TOL = 1e-5  # Relative; what it covers: test_dist_equivalence's docstring.
-# On CPU the optimizers sum large leaves slice by slice (chunks of 65536
-# elements by default); a small chunk runs that code path on these small
-# leaves and on their shards, whole and partial chunks alike.
+# On one CPU device the optimizers run their passes slice by slice (4096
+# elements by default, `passes.CPU_CHUNK_SIZE`); a small chunk_size runs that
+# code path on these small leaves and on their shards, whole and partial
+# slices alike.
 CHUNK = 24
 
 
 def _soaa(axis_name):
   return optax_soaa.soaa(
       3e-2, weight_decay=1e-3, total_steps=STEPS, axis_name=axis_name,
-      reduction_chunk_size=CHUNK,
+      chunk_size=CHUNK,
   )
 
 
