@@ -13,6 +13,7 @@ from optax_soaa._src.adafisher import scale_by_adafisher
 from optax_soaa._src.arturo import arturo
 from optax_soaa._src.arturo import ArturoState
 from optax_soaa._src.arturo import scale_by_arturo
+from optax_soaa._src.soaa import MissingValueWarning
 from optax_soaa._src.soaa import scale_by_soaa
 from optax_soaa._src.soaa import soaa
 from optax_soaa._src.soaa import SOAAState
@@ -30,6 +31,7 @@ __all__ = (
     "arturo",
     "ArturoState",
     "scale_by_arturo",
+    "MissingValueWarning",
     "scale_by_soaa",
     "soaa",
     "SOAAState",

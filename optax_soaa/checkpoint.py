@@ -51,8 +51,6 @@ interrupted raises :class:`IncompleteCheckpointError` instead of reading
 part of it.
 """
 
-from __future__ import annotations
-
 import glob
 import os
 import shutil

@@ -65,6 +65,7 @@ REFERENCE_CASES = {
 # leaves (the CPU's layout at scale), whole arrays over the rest.
 @pytest.mark.parametrize("chunk_size", [None, 5])
 @pytest.mark.parametrize("case", list(REFERENCE_CASES))
+@pytest.mark.filterwarnings("ignore::optax_soaa.MissingValueWarning")
 def test_matches_numpy_reference(case, chunk_size, x64):
   cfg = REFERENCE_CASES[case]
   hp = dict(b1=0.9, b2=0.99, gamma=0.1, eps=1e-8,
@@ -380,15 +381,27 @@ def test_apply_if_finite_skips_non_finite_step():
   assert int(bad_state.notfinite_count) == 1
 
 
-def test_extra_args_ignored_and_value_optional():
+def test_extra_args_ignored_and_value_optional_with_a_warning():
   opt = optax_soaa.soaa(0.05, total_steps=20)
   params = _params()
   state = opt.init(params)
-  u1, s1 = opt.update(params, state, params, unknown_argument=3, batch=None)
+  with pytest.warns(optax_soaa.MissingValueWarning, match="value=loss"):
+    u1, s1 = opt.update(params, state, params, unknown_argument=3, batch=None)
   assert float(optax.tree.get(s1, "dt")) == 1.0
   assert float(optax.tree.get(s1, "predicted_reduction")) == 0.0
-  with pytest.raises(ValueError, match="value"):
+
+
+def test_value_that_is_not_a_scalar_loss_gets_a_clear_error():
+  opt = optax_soaa.soaa(0.05, total_steps=20)
+  params = _params()
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="scalar loss.*shape"):
     opt.update(params, state, params, value=jnp.ones(3))
+  # What jax.value_and_grad(..., has_aux=True) returns as its value.
+  with pytest.raises(TypeError, match="value=loss"):
+    opt.update(params, state, params, value=(jnp.float32(1.0), {"acc": 0.5}))
+  with pytest.raises(TypeError, match="value=loss"):
+    jax.jit(opt.update)(params, state, params, value=(jnp.float32(1.0), None))
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -1,7 +1,5 @@
 """arTuRO: information-theoretic trust-region optimization (arXiv 2310.20574)."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -210,7 +208,7 @@ def scale_by_arturo(
     utils.check_range(name, value, lower=0.0, lower_inclusive=False)
   if levels_per_pass is None:
     levels_per_pass = _DEFAULT_LEVELS_PER_PASS
-  utils.check_positive_int("levels_per_pass", levels_per_pass)
+  utils.check_positive_int("levels_per_pass", levels_per_pass, static=True)
   passes.check_chunk_size("chunk_size", chunk_size)
   rho = utils.concrete_float(reg_weight)
   nu_ = utils.concrete_float(nu)

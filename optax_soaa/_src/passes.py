@@ -10,8 +10,6 @@ loops over cache-sized slices on a single CPU device. That choice is made here
 and nowhere else; docs/internals.md explains it.
 """
 
-from __future__ import annotations
-
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
@@ -33,8 +31,10 @@ def check_chunk_size(name: str, chunk_size: Any) -> None:
   if (isinstance(chunk_size, str) and chunk_size == "auto") or (
       chunk_size is None):
     return
+  if hasattr(chunk_size, "dtype"):  # An array: say that it must be static.
+    utils.check_positive_int(name, chunk_size, static=True)
   try:
-    utils.check_positive_int(name, chunk_size)
+    utils.check_positive_int(name, chunk_size, static=True)
   except ValueError:
     raise ValueError(
         f'`{name}` must be "auto", None or a positive int, got '

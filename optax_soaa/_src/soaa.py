@@ -1,7 +1,5 @@
 """SOAA: SecondOrderAdaptiveAdam (arXiv 2410.02293)."""
 
-from __future__ import annotations
-
 from typing import Any, Callable, NamedTuple, Optional, Union
 import warnings
 
@@ -16,6 +14,29 @@ CURVATURES = ("second_moment", "variance", "none")
 
 # Marks `reduction_chunk_size` as not given (None is one of its values).
 _UNSET = object()
+
+
+class MissingValueWarning(UserWarning):
+  """SOAA was updated without ``value=``: its trust region ``dt`` stays fixed.
+
+  Silence it where that is meant (SOAA as Adam with a fixed step factor)::
+
+    warnings.filterwarnings("ignore", category=optax_soaa.MissingValueWarning)
+  """
+
+
+def _check_value(value: Any) -> None:
+  """Raises a clear error for a `value=` that is not a scalar loss."""
+  if isinstance(value, (tuple, list)):
+    raise TypeError(
+        f"`value` must be the scalar loss, got a {type(value).__name__} of "
+        f"{len(value)} items. With jax.value_and_grad(loss_fn, has_aux=True), "
+        "pass value=loss from `(loss, aux), grads = ...`, not the pair.")
+  shape = jnp.shape(value)
+  if shape:
+    raise ValueError(
+        f"`value` must be the scalar loss at `params`, got shape {shape}; "
+        "reduce it (e.g. its mean over the batch) before passing it.")
 
 
 class SOAAState(NamedTuple):
@@ -243,6 +264,16 @@ def scale_by_soaa(
         curvature_weight=0.5 * bc1 / bc2,
     )
     with_loss = value is not None
+    if with_loss:
+      _check_value(value)
+    else:
+      warnings.warn(
+          "optax_soaa SOAA was updated without `value=`: its trust region "
+          "dt stays at its current value. Pass the loss at `params`: "
+          "tx.update(grads, state, params, value=loss). If a fixed dt is "
+          "what you want, silence this with warnings.filterwarnings("
+          "'ignore', category=optax_soaa.MissingValueWarning).",
+          MissingValueWarning, stacklevel=2)
     step = passes.run(
         "soaa/step", (mu, nu, *v_state), (), step_scalars,
         output=_direction,
@@ -256,8 +287,6 @@ def scale_by_soaa(
     skipped_values = state.skipped_values
     if with_loss:
       loss = jnp.asarray(value).astype(sdtype)
-      if loss.shape:
-        raise ValueError(f"`value` must be a scalar loss, got shape {loss.shape}.")
       finite = jnp.isfinite(loss)
       new_loss_avg = b1_ * loss_avg + (1 - b1_) * loss
       # At t = 1 the bias-corrected average is the loss itself; computing it
@@ -265,7 +294,7 @@ def scale_by_soaa(
       # max(pr, eps) = eps, throws dt to its bound.
       loss_hat = jnp.where(count_inc == 1, loss, new_loss_avg / bc1)
       new_trust_ratio = (loss_hat - loss) / jnp.maximum(predicted_reduction, eps_)
-      exponent = (t - 1) / total_steps
+      exponent = (t - 1) / jnp.asarray(total_steps, sdtype)
       gamma_ = jnp.asarray(gamma, sdtype)
       lower = (1 - gamma_) ** exponent
       upper = 1 + gamma_**exponent

@@ -1,7 +1,5 @@
 """Helpers shared by the optimizers: hyperparameter and pytree checks."""
 
-from __future__ import annotations
-
 import numbers
 from typing import Any, Callable, Optional, Sequence
 
@@ -55,8 +53,29 @@ def check_range(
     raise ValueError(f"`{name}` must be in {lo}, {hi}; got {value!r}.")
 
 
-def check_positive_int(name: str, value: Any) -> None:
-  """Raises `ValueError` unless `value` is a Python/NumPy integer > 0."""
+def check_positive_int(name: str, value: Any, *, static: bool = False) -> None:
+  """Raises `ValueError` unless `value` is an integer > 0.
+
+  A hyperparameter that only enters the arithmetic may also be a 0-d integer
+  array, as `optax.inject_hyperparams` passes it; a traced one is not
+  checked (it was, as a Python number, when the optimizer was built). A
+  `static` one chooses the structure of the computation and must be a
+  Python integer: an array there gets a message saying so.
+  """
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)) and not isinstance(
+      value, bool) and not isinstance(value, numbers.Integral):
+    if static:
+      raise ValueError(
+          f"`{name}` is static (it shapes the computation) and must be a "
+          f"Python int, got {value!r}; with optax.inject_hyperparams, list "
+          f"it in static_args=({name!r},).")
+    if not jnp.issubdtype(value.dtype, jnp.integer) or np.ndim(value) != 0:
+      raise ValueError(
+          f"`{name}` must be a positive int (or a 0-d integer array), got "
+          f"{value!r}.")
+    if isinstance(value, jax.core.Tracer):
+      return
+    value = int(value)
   if isinstance(value, bool) or not isinstance(value, (numbers.Integral,)):
     raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
   if value <= 0:
