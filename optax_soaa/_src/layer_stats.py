@@ -461,27 +461,42 @@ def _mean_over_repeats(x, levels):
 # gradient to a zero input of the statistic's shape.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _tap(y, probe, spec):
-  del probe, spec
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tap(y, probe, due, spec):
+  del probe, due, spec
   return y
 
 
-def _tap_fwd(y, probe, spec):
+def _tap_fwd(y, probe, due, spec):
   del spec
-  return y, jnp.zeros([], probe.dtype)
+  return y, (jnp.zeros([], probe.dtype), due)
 
 
-def _tap_bwd(spec, res, dy):
+def _output_statistic(spec, dy, dtype):
   kind, out_dims = spec
-  d = dy.astype(jnp.promote_types(res.dtype, dy.dtype))
+  d = dy.astype(jnp.promote_types(dtype, dy.dtype))
   if kind == "mean_sq":
     rows = tuple(i for i in range(d.ndim) if i not in out_dims)
     n = math.prod(d.shape[i] for i in rows)
     stat = jnp.sum(jnp.square(d), axis=rows) / max(n, 1)
   else:  # "sum": the normalisation layers' Σ_rows δ per feature (last axis).
     stat = jnp.sum(d, axis=tuple(range(d.ndim - 1)))
-  return dy, stat.astype(res.dtype)
+  return stat.astype(dtype)
+
+
+def _zeros_like_shape(s):
+  return jnp.zeros(s.shape, s.dtype)
+
+
+def _tap_bwd(spec, res, dy):
+  marker, due = res
+  stat = functools.partial(_output_statistic, spec, dtype=marker.dtype)
+  if due is None:
+    return dy, stat(dy), None
+  # Only this square-and-sum is conditional, not the backward pass around
+  # it (XLA:CPU runs a convolution inside a conditional far slower).
+  zeros = lambda d: _zeros_like_shape(jax.eval_shape(stat, d))
+  return dy, lax.cond(due, stat, zeros, dy), None
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
@@ -1050,8 +1065,10 @@ class _Plan:
         for sid, s in enumerate(self.sites)
     }
 
-  def evaluate(self, jaxpr, consts, args, ctx, probes):
-    """(outputs, {site: h}) of `jaxpr`, tapping the sites under `ctx`."""
+  def evaluate(self, jaxpr, consts, args, ctx, probes, due=None):
+    """(outputs, {site: h}) of `jaxpr`, tapping the sites under `ctx`; with
+    a boolean array `due`, the statistics are computed only where it holds
+    (zeros elsewhere)."""
     env = {}
 
     def read(v):
@@ -1067,16 +1084,21 @@ class _Plan:
       invals = [read(v) for v in eqn.invars]
       for sid in self.h_at.get(path, ()):
         site = self.sites[sid]
-        hs[sid] = site.h_fn(invals[site.h_operand])
+        x = invals[site.h_operand]
+        if due is None:
+          hs[sid] = site.h_fn(x)
+        else:
+          zeros = lambda x, f=site.h_fn: _zeros_like_shape(jax.eval_shape(f, x))
+          hs[sid] = lax.cond(due, site.h_fn, zeros, x)
       if path in self.descend:
-        outvals, inner_hs = self._descend(eqn, path, invals, probes)
+        outvals, inner_hs = self._descend(eqn, path, invals, probes, due)
         hs.update(inner_hs)
       else:
         outvals = _bind(eqn, invals)
       for sid in self.tap_at.get(path, ()):
         probe = probes[sid]
         y = _vary(outvals[0], _varying_axes(probe))
-        outvals[0] = _tap(y, probe, self.sites[sid].tap_spec)
+        outvals[0] = _tap(y, probe, due, self.sites[sid].tap_spec)
       for v, x in zip(eqn.outvars, outvals):
         if _is_var(v):
           env[v] = x
@@ -1086,22 +1108,22 @@ class _Plan:
     n = len(path)
     return {sid: p for sid, p in probes.items() if self.sites[sid].tap_path[:n] == path}
 
-  def _descend(self, eqn, path, invals, probes):
+  def _descend(self, eqn, path, invals, probes, due):
     name = eqn.primitive.name
     if name == "scan":
-      return self._scan(eqn, path, invals, probes)
+      return self._scan(eqn, path, invals, probes, due)
     sub, consts = _call_jaxpr(eqn)
     if name in _REMAT:
       inside = self._inside(path, probes)
 
-      def body(invals, inside):
-        return self.evaluate(sub, consts, invals, path, inside)
+      def body(invals, inside, due):
+        return self.evaluate(sub, consts, invals, path, inside, due)
 
       return jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
-                            policy=eqn.params.get("policy"))(invals, inside)
-    return self.evaluate(sub, consts, invals, path, probes)
+                            policy=eqn.params.get("policy"))(invals, inside, due)
+    return self.evaluate(sub, consts, invals, path, probes, due)
 
-  def _scan(self, eqn, path, invals, probes):
+  def _scan(self, eqn, path, invals, probes, due):
     params = eqn.params
     n_consts, n_carry = params["num_consts"], params["num_carry"]
     consts = invals[:n_consts]
@@ -1113,7 +1135,7 @@ class _Plan:
     def step(carry, x):
       x_i, probes_i = x
       outs, hs = self.evaluate(body.jaxpr, body.consts, consts + list(carry) + list(x_i),
-                               path, probes_i)
+                               path, probes_i, due)
       return outs[:n_carry], (outs[n_carry:], hs)
 
     carry, (ys, hs) = lax.scan(
@@ -1269,10 +1291,11 @@ def value_grad_and_stats(
     ``stats`` has the structure of ``params``, a :class:`LayerStats` at each
     leaf with statistics and ``None`` elsewhere. ``stats_due`` (a bool or a
     boolean array, e.g. :func:`optax_soaa.stats_due` of the optimizer
-    state) says whether to compute the statistics: when it is false the
-    step is a plain ``jax.value_and_grad`` and ``stats`` holds zeros of the
-    same shapes (under ``jit`` the choice is a ``lax.cond``, so steps that
-    do not refresh AdaFisher's statistics do not pay for them).
+    state) says whether to compute the statistics: ``False`` makes the call
+    a plain ``jax.value_and_grad`` with zeros for ``stats``; an array makes
+    each layer's square-and-sum conditional (``lax.cond``) around a shared
+    forward and backward pass, so steps that do not refresh AdaFisher's
+    running averages do not pay for statistics.
   """
   kinds = _check_layers(layers)
 
@@ -1284,10 +1307,10 @@ def value_grad_and_stats(
     dtype = utils.scalar_dtype(p_leaves)
     axes = frozenset().union(*(_varying_axes(x) for x in jax.tree.leaves((p_leaves, d_leaves))))
 
-    def with_stats(p_leaves, d_leaves):
+    def with_stats(p_leaves, d_leaves, due=None):
       def inner(p_leaves, probes):
         outs, hs = plan.evaluate(plan.closed.jaxpr, plan.closed.consts,
-                                 list(p_leaves) + list(d_leaves), (), probes)
+                                 list(p_leaves) + list(d_leaves), (), probes, due)
         return outs[0], (outs[1:], hs)
 
       (loss, (aux, hs)), (grads, probe_grads) = jax.value_and_grad(
@@ -1295,20 +1318,15 @@ def value_grad_and_stats(
       stats = plan.finish(hs, probe_grads, axis_name, p_tree)
       return loss, aux, grads, stats
 
-    def without_stats(p_leaves, d_leaves):
-      (loss, aux), grads = jax.value_and_grad(flat_fun, has_aux=True)(p_leaves, d_leaves)
-      aux = jax.tree.leaves(aux)
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                           jax.eval_shape(with_stats, p_leaves, d_leaves)[3])
-      return loss, aux, grads, zeros
-
     if stats_due is True:
       loss, aux, grads, stats = with_stats(p_leaves, d_leaves)
     elif stats_due is False:
-      loss, aux, grads, stats = without_stats(p_leaves, d_leaves)
+      (loss, aux), grads = jax.value_and_grad(flat_fun, has_aux=True)(p_leaves, d_leaves)
+      aux = jax.tree.leaves(aux)
+      stats = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                           jax.eval_shape(with_stats, p_leaves, d_leaves)[3])
     else:
-      loss, aux, grads, stats = lax.cond(
-          jnp.asarray(stats_due, bool), with_stats, without_stats, p_leaves, d_leaves)
+      loss, aux, grads, stats = with_stats(p_leaves, d_leaves, jnp.asarray(stats_due, bool))
     grads = jax.tree.unflatten(p_tree, grads)
     if has_aux:
       _, aux = jax.tree.unflatten(out_tree, [loss] + list(aux))
