@@ -399,9 +399,15 @@ _DISTRIBUTED = textwrap.dedent("""
         params, x.reshape(8, 2, 6, 6, 2), y.reshape(8, 2, 2))
     # Sharded jit: the batch split over the 8 devices, no axis name needed.
     mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
-    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    P = jax.sharding.PartitionSpec
+    shard = jax.sharding.NamedSharding(mesh, P("batch"))
     _, _, sharded = jax.jit(value_grad_and_stats(loss_fn))(
         params, jax.device_put(x, shard), jax.device_put(y, shard))
+    # shard_map (check_vma: pvary casts in the jaxpr), params replicated.
+    mapped_sm = jax.jit(jax.shard_map(
+        lambda p, x, y: value_grad_and_stats(loss_fn, axis_name="batch")(p, x, y)[2],
+        mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P(),
+        check_vma=True))(params, x, y)
     n = 0
     for name, parts in (("Conv_0", ("kernel", "bias")), ("Dense_0", ("kernel", "bias")),
                         ("LayerNorm_0", ("scale", "bias"))):
@@ -411,16 +417,17 @@ _DISTRIBUTED = textwrap.dedent("""
           want = np.asarray(getattr(full[name][part], field))
           for d in range(8):
             np.testing.assert_allclose(got[d], want, rtol=1e-5, atol=0)
-          np.testing.assert_allclose(
-              np.asarray(getattr(sharded[name][part], field)), want, rtol=1e-5)
+          for other in (sharded, mapped_sm):
+            np.testing.assert_allclose(
+                np.asarray(getattr(other[name][part], field)), want, rtol=1e-5)
           n += 1
     print("checked", n)
 """)
 
 
 def test_stats_over_8_devices_equal_full_batch():
-  """pmap with axis_name (pmean, s rescaled; the norm layers' sums psum-ed)
-  and sharded jit both equal one device."""
+  """pmap and shard_map with axis_name (pmean, s rescaled; the norm layers'
+  sums psum-ed) and sharded jit all equal one device."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   env["JAX_PLATFORMS"] = "cpu"

@@ -185,13 +185,19 @@ def _v_broadcast(view: _View, shape: Sequence[int], dims: Sequence[int]) -> _Vie
   return tuple(out)
 
 
+# Same values, same layout (pvary / pcast: shard_map's varying-axes casts).
+_IDENTITY_LAYOUT = frozenset({
+    "convert_element_type", "copy", "copy_p", "reduce_precision",
+    "sharding_constraint", "optimization_barrier", "pvary", "pcast",
+})
+
+
 def _apply_layout_op(eqn, view: _View) -> Optional[_View]:
   """The view of a layout-only equation's output, or None if not one."""
   name = eqn.primitive.name
   params = eqn.params
   out_shape = tuple(eqn.outvars[0].aval.shape)
-  if name in ("convert_element_type", "copy", "copy_p", "reduce_precision",
-              "sharding_constraint", "optimization_barrier"):
+  if name in _IDENTITY_LAYOUT:
     return view
   if name == "reshape":
     if params.get("dimensions") is not None:
@@ -209,10 +215,8 @@ def _apply_layout_op(eqn, view: _View) -> Optional[_View]:
   return None
 
 
-_LAYOUT_PRIMITIVES = frozenset({
-    "convert_element_type", "copy", "copy_p", "reduce_precision",
-    "sharding_constraint", "reshape", "transpose", "squeeze", "expand_dims",
-    "broadcast_in_dim",
+_LAYOUT_PRIMITIVES = _IDENTITY_LAYOUT | frozenset({
+    "reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
 })
 # Calls whose body is evaluated in place (its semantics do not depend on the
 # call boundary); remat keeps its semantics through jax.checkpoint.
@@ -953,7 +957,7 @@ class _Finder:
           return None
         node = self.g.node(rctx, eqn.invars[full[0]])
         continue
-      if name == "convert_element_type":
+      if name in _IDENTITY_LAYOUT:
         node = self.g.node(rctx, eqn.invars[0])
         continue
       return None
@@ -964,38 +968,37 @@ class _Finder:
     def root(n):
       while True:
         rec = self.g.producer.get(n)
-        if rec is None or rec.eqn.primitive.name != "convert_element_type":
+        if rec is None or rec.eqn.primitive.name not in _IDENTITY_LAYOUT:
           return n
         n = self.g.node(rec.path[:-1], rec.eqn.invars[0])
     return root(a) == root(b)
 
-  def _mean_axes(self, ctx, m, x_node):
+  def _mean_axes(self, ctx, m, x_node, depth=0):
     """The axes of `x` that `m` averages (a reduce_sum of x, scaled and
     broadcast back), or None."""
     node = self.g.node(ctx, m)
-    for _ in range(12):
-      rec = self.g.producer.get(node)
-      if rec is None:
-        return None
-      eqn, rctx = rec.eqn, rec.path[:-1]
-      name = eqn.primitive.name
-      if name == "reduce_sum":
-        if not self._same_value(self.g.node(rctx, eqn.invars[0]), x_node):
-          return None
-        return tuple(sorted(int(a) for a in eqn.params["axes"]))
-      if name in ("broadcast_in_dim", "reshape", "convert_element_type", "squeeze",
-                  "expand_dims", "psum", "pmean", "psum_invariant"):
-        node = self.g.node(rctx, eqn.invars[0])
-        continue
-      if name in ("div", "mul"):
-        # Division or multiplication by a constant count.
-        traced = [x for x in eqn.invars if _is_var(x)
-                  and tuple(x.aval.shape) == tuple(eqn.outvars[0].aval.shape)]
-        if len(traced) != 1:
-          return None
-        node = self.g.node(rctx, traced[0])
-        continue
+    rec = self.g.producer.get(node)
+    if rec is None or depth > 12:
       return None
+    eqn, rctx = rec.eqn, rec.path[:-1]
+    name = eqn.primitive.name
+    if name == "reduce_sum":
+      if not self._same_value(self.g.node(rctx, eqn.invars[0]), x_node):
+        return None
+      return tuple(sorted(int(a) for a in eqn.params["axes"]))
+    if name in _IDENTITY_LAYOUT or name in (
+        "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "psum",
+        "pmean", "psum_invariant"):
+      return self._mean_axes(rctx, eqn.invars[0], x_node, depth + 1)
+    if name in ("div", "mul"):
+      # A sum divided (or multiplied) by a count: the sum is the numerator,
+      # or either factor of a product.
+      candidates = eqn.invars[:1] if name == "div" else eqn.invars
+      for v in candidates:
+        if _is_var(v):
+          axes = self._mean_axes(rctx, v, x_node, depth + 1)
+          if axes is not None:
+            return axes
     return None
 
 
