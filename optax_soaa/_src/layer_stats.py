@@ -3,8 +3,9 @@
 :func:`value_grad_and_stats` is ``jax.value_and_grad`` plus, for every layer
 it recognises in the loss function's jaxpr, the diagonals AdaFisher needs
 (:class:`LayerStats`), computed in the same forward and backward pass. Nothing
-about the model library is assumed: Flax, Equinox, Haiku and plain
-``jax.numpy`` models all trace to the same primitives. The design is learned
+about the model library is assumed: Flax (Linen, NNX), Equinox and plain
+``jax.numpy`` models (those the tests cover) trace to the same primitives.
+The design is learned
 from kfac-jax (which finds layers by matching patterns in the jaxpr and taps
 their outputs); the API here is smaller: one function, no registration.
 
@@ -1268,7 +1269,8 @@ def value_grad_and_stats(
   The statistics add a square-and-sum per layer to the one backward pass
   that computes the gradients (the layer output goes through an identity
   whose VJP also returns the statistic); the gradients are those of
-  ``jax.value_and_grad(fun)``.
+  ``jax.value_and_grad(fun)``. How the layers are matched and evaluated:
+  ``docs/internals_adafisher.md`` in the repository.
 
   Args:
     fun: the loss function, ``fun(params, *args, **kwargs)``.
