@@ -23,13 +23,9 @@ import pytest
 
 import optax_soaa
 from optax_soaa import LayerStats
-
-SETTINGS = hypothesis.settings(
-    max_examples=8, deadline=None, derandomize=True, database=None,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
-)
-SHAPES = [(), (0,), (1,), (3,), (2, 3), (0, 2), (2, 1, 2)]
-DTYPES = [jnp.float32, jnp.bfloat16]
+from tests.test_properties import DTYPES
+from tests.test_properties import SETTINGS
+from tests.test_properties import SHAPES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -559,8 +559,9 @@ class _Finder:
 
   # -- dense and conv --------------------------------------------------------
 
-  def _kernel(self, rec):
-    """(kernel operand index, its view) of a layer equation, or None."""
+  def _kernel(self, rec, kind):
+    """(kernel operand index, its view) of a layer equation of a requested
+    kind, or None."""
     ctx = rec.path[:-1]
     views = [self.g.view(ctx, v) for v in rec.eqn.invars]
     found = [(i, pv) for i, pv in enumerate(views) if pv is not None]
@@ -568,7 +569,12 @@ class _Finder:
       for _, pv in found:
         self.reasons[pv.leaf].append(
             f"{rec.eqn.primitive.name} of two parameters (no layer input)")
-    return found[0] if len(found) == 1 else None
+    if len(found) != 1:
+      return None
+    if kind not in self.kinds:
+      self._reject(rec, found[0][1].leaf, f"{kind} layers not requested (layers=)")
+      return None
+    return found[0]
 
   def _reject(self, rec, leaf, reason):
     """Records why a layer gets no statistics, for its kernel and its bias."""
@@ -582,13 +588,10 @@ class _Finder:
 
   def _dense(self, rec):
     eqn = rec.eqn
-    hit = self._kernel(rec)
+    hit = self._kernel(rec, "dense")
     if hit is None:
       return
     k_idx, kv = hit
-    if "dense" not in self.kinds:
-      self._reject(rec, kv.leaf, "dense layers not requested (layers=)")
-      return
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if lb or rb:
       self._reject(
@@ -617,14 +620,11 @@ class _Finder:
 
   def _conv(self, rec):
     eqn = rec.eqn
-    hit = self._kernel(rec)
+    hit = self._kernel(rec, "conv")
     if hit is None:
       return
     k_idx, kv = hit
     params = eqn.params
-    if "conv" not in self.kinds:
-      self._reject(rec, kv.leaf, "conv layers not requested (layers=)")
-      return
     if k_idx != 1:
       self._reject(rec, kv.leaf, "a parameter as a convolution's input")
       return
