@@ -434,8 +434,12 @@ def adafisher(
     min-max-normalised statistic, so ``H[i] S[o] <= 0.0087² ≈ 7.6e-5`` and
     ``F̃ = λ (1 + at most 7.6 %)`` with the default ``λ = 1e-3``. AdaFisher
     then steps like momentum SGD with step ``α / λ``, the layer curvature
-    modulating each coordinate's step by at most a few per cent. That is the
-    authors' algorithm as they ship it; the defaults keep it.
+    modulating each coordinate's step by at most a few per cent, and often
+    far less: the mean square of the output gradients of a batch-mean loss
+    is small, and where the spread of ``s`` is not large against the
+    ``1e-6`` that min-max normalisation adds to it, ``minmax(s)`` stays far
+    below 1. That is the authors' algorithm as they ship it; the defaults
+    keep it.
   * Leaves without statistics: with the identity fallback (the reference's
     ``F̃ = 1``) such a leaf steps ``α m̂`` while a leaf with statistics steps
     about ``α m̂ / λ``, 1/λ = 1000 times more. Embeddings have no statistics
