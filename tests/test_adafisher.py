@@ -436,3 +436,14 @@ def test_no_statistics_warns_and_stats_every_may_be_an_array():
     flags.append(bool(optax_soaa.stats_due(state)))
     _, state = update(grads, state, params, stats=stats)
   assert flags == [True, False, True, False]
+
+
+def test_norm_layer_stats_of_the_wrong_shape_raise_naming_the_leaf():
+  params = {"LayerNorm_0": {"scale": jnp.ones(5), "bias": jnp.zeros(5)}}
+  tx = optax_soaa.adafisher()
+  good = LayerStats(jnp.ones(2), jnp.ones(5), "kernel", (), (), (0,), "layer_norm")
+  for bad, match in ((LayerStats(jnp.ones(3), jnp.ones(5), "kernel", (), (), (0,)), "h has 3"),
+                     (LayerStats(jnp.ones(2), jnp.ones(4), "bias", (), (), (0,)), "s has 4")):
+    stats = {"LayerNorm_0": {"scale": good, "bias": bad}}
+    with pytest.raises(ValueError, match=r"\['LayerNorm_0'\]\['bias'\].*" + match):
+      tx.update(params, tx.init(params), params, stats=stats)
