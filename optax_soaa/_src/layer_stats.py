@@ -1273,7 +1273,9 @@ def value_grad_and_stats(
   ``docs/internals_adafisher.md`` in the repository.
 
   Args:
-    fun: the loss function, ``fun(params, *args, **kwargs)``.
+    fun: the loss function, ``fun(params, *args, **kwargs)``. Array arguments
+      are traced (as under ``jax.jit``, also when called eagerly); other
+      Python values (flags, strings) are passed as they are.
     has_aux: as in :func:`jax.value_and_grad`.
     axis_name: a mapped axis (``pmap`` / ``shard_map`` data parallelism): the
       statistics are then those of the whole batch across devices (the
