@@ -2,7 +2,10 @@
 
 Runs on however many devices JAX sees: one CPU, eight simulated ones
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), a GPU host, or many
-hosts (``--multihost``, which calls ``jax.distributed.initialize()``).
+processes (``--multihost``, which calls ``jax.distributed.initialize()``).
+The global batch of each step depends on ``--seed`` and the step alone, so
+the same arguments train the same model (up to float32 rounding) on any
+number of devices and processes.
 
 Layout: a 2-D mesh ``('data', 'fsdp')``. The global batch is split over both
 axes (every device sees its own examples); every parameter is split over
@@ -16,10 +19,12 @@ reduction, arTuRO's KL) are sums of sharded arrays, which XLA makes global.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         python examples/data_parallel.py --optimizer adafisher --fsdp 4
 
-    # Two processes on one machine (4 simulated CPU devices each):
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python \\
-        examples/data_parallel.py --multihost --coordinator localhost:12345 \\
-        --num-processes 2 --process-id 0 &   # and --process-id 1
+    # Two processes on one machine, 4 simulated CPU devices each: one line
+    # per process (on a cluster, one per host, each with its own id).
+    export XLA_FLAGS=--xla_force_host_platform_device_count=4
+    ARGS="--multihost --coordinator 127.0.0.1:12345 --num-processes 2"
+    python examples/data_parallel.py $ARGS --process-id 1 &
+    python examples/data_parallel.py $ARGS --process-id 0
 """
 
 from __future__ import annotations
@@ -68,23 +73,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="host:port of process 0 (else from the cluster)")
   parser.add_argument("--num-processes", type=int, default=None)
   parser.add_argument("--process-id", type=int, default=None)
+  parser.add_argument(
+      "--heartbeat-timeout", type=int, default=100,
+      help="seconds without a heartbeat after which a process counts as dead "
+           "and every process is terminated (JAX's default, 100)")
+  parser.add_argument(
+      "--shutdown-timeout", type=int, default=300,
+      help="seconds a finished (or failed) process waits for the others at "
+           "exit before every process is terminated (JAX's default, 300)")
   return parser.parse_args(argv)
 
 
 def make_optimizer(name: str, learning_rate: float, total_steps: int):
-  # On one CPU device "auto" runs the fused CPU kernels (or slice loops);
-  # either would make XLA gather a sharded leaf whole, which defeats FSDP, so
-  # across several devices the passes run over whole (sharded) leaves.
-  chunk = "auto" if jax.device_count() == 1 else None
+  # The default chunk_size="auto" slices the passes on one CPU device only:
+  # across several devices they run over whole (sharded) leaves, as FSDP
+  # needs (slicing would make XLA gather a sharded leaf).
   if name == "soaa":
-    return optax_soaa.soaa(learning_rate, total_steps=total_steps,
-                           reduction_chunk_size=chunk)
+    return optax_soaa.soaa(learning_rate, total_steps=total_steps)
   if name == "arturo":
     # The reference's tuned Fashion-MNIST values; the KL bound is swept.
     return optax_soaa.arturo(
         learning_rate, reg_weight=0.0587, prior_prec=0.0015,
         dynamic_model_noise=0.0174, measurement_noise=2.82,
-        start_filter_cov=5e-5, nu=1.3, chunk_size=chunk)
+        start_filter_cov=5e-5, nu=1.3)
   if name == "adafisher":
     return optax_soaa.adafisherw(learning_rate, stats_every=10)
   return optax.adam(learning_rate)
@@ -106,11 +117,16 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.multihost:
+    # CPU devices of several processes talk through gloo (the default of
+    # recent JAX; it does not affect GPUs and TPUs).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # What is not given is read from the cluster (SLURM, Cloud TPU, ...).
     jax.distributed.initialize(
         coordinator_address=args.coordinator,
         num_processes=args.num_processes,
         process_id=args.process_id,
+        heartbeat_timeout_seconds=args.heartbeat_timeout,
+        shutdown_timeout_seconds=args.shutdown_timeout,
     )
 
   n_devices = jax.device_count()
@@ -175,20 +191,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         grads, opt_state, params, value=loss, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  # Each process reads its own part of the global batch; the global array is
-  # assembled from the processes' local shards (one process: all of it).
+  # Every process draws the same window starts for the whole global batch
+  # (a few integers) and reads only the windows of the rows its own devices
+  # hold: the batch does not depend on how many processes share it.
   stream = data_lib.lm_byte_splits(max_bytes=args.max_bytes)["train"]
-  local_batch = batch_size // jax.process_count()
-  rng = np.random.default_rng([args.seed, jax.process_index()])
+  rng = np.random.default_rng(args.seed)
+  batch_shape = (batch_size, args.seq_len)
 
   def next_batch():
-    starts = rng.integers(0, stream.size - args.seq_len - 1, local_batch)
-    pos = starts[:, None] + np.arange(args.seq_len)[None, :]
-    tokens = stream[pos].astype(np.int32)
-    targets = stream[pos + 1].astype(np.int32)
+    starts = rng.integers(0, stream.size - args.seq_len - 1, batch_size)
+
+    def windows(index, shift):
+      rows, cols = index
+      pos = starts[rows, None] + np.arange(args.seq_len)[None, cols]
+      return stream[pos + shift].astype(np.int32)
+
     return (
-        jax.make_array_from_process_local_data(batch_sharding, tokens),
-        jax.make_array_from_process_local_data(batch_sharding, targets),
+        jax.make_array_from_callback(
+            batch_shape, batch_sharding, lambda i: windows(i, 0)),
+        jax.make_array_from_callback(
+            batch_shape, batch_sharding, lambda i: windows(i, 1)),
     )
 
   if jax.process_index() == 0:

@@ -268,7 +268,7 @@ plt.show()
 # arrays per parameter, three times Adam's state.
 
 # %%
-state = optax_soaa.arturo(kl_schedule, **ARTURO_HPARAMS).init(params)
+state = optax_soaa.arturo(kl_schedule, **ARTURO_HPARAMS).init(params)[0]  # (ArturoState, EmptyState())
 num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
 print(type(state).__name__, state._fields)
 for name in ("b", "h", "p00", "p01", "p11", "precision"):

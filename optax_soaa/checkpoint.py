@@ -19,7 +19,26 @@ the exact structure, dtypes and shapes of a target built from the optimizer::
       "/tmp/run/step_1000", params_like, opt_state_like)
 
 With the same data order (derive each batch from ``(seed, step)``) the
-continued run is bit-identical to an uninterrupted one. orbax-checkpoint is
+continued run is bit-identical to an uninterrupted one.
+
+Sharded and multi-process runs: every process calls :func:`save` and
+:func:`restore` with the same arguments. The saved arrays must be global
+arrays (what a ``jax.jit`` with ``out_shardings`` returns; ``opt.init`` run
+outside ``jit`` gives per-process scalars that orbax refuses). A restore
+places each array with the sharding its target carries, so a checkpoint can
+be read on another mesh or another number of processes (resharded; the values
+are bit-identical). Give targets with shardings whenever the topology
+differs from the one that saved (orbax raises "Topology mismatch" otherwise)::
+
+  param_sh = ...  # the new layout: a pytree of NamedShardings like params
+  params_like = jax.tree.map(
+      lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+      jax.eval_shape(model.init, key, x)["params"], param_sh)
+  state_sh = optax_soaa.state_shardings(tx, params_like)
+  opt_state_like = jax.eval_shape(
+      jax.jit(tx.init, out_shardings=state_sh), params_like)
+
+orbax-checkpoint is
 imported only when these functions are called (``pip install
 optax-soaa[checkpoint]``); the optimizers never import it.
 
@@ -31,8 +50,6 @@ stays restorable until then. :func:`restore` of a directory whose save was
 interrupted raises :class:`IncompleteCheckpointError` instead of reading
 part of it.
 """
-
-from __future__ import annotations
 
 import glob
 import os
@@ -68,12 +85,14 @@ def _orbax():
 
 
 def _abstract(tree: Any) -> Any:
-  """ShapeDtypeStructs for the array leaves of `tree` (arrays or structs)."""
+  """ShapeDtypeStructs for the leaves of `tree`, with the jax.Arrays' shardings."""
 
   def to_struct(x):
     if isinstance(x, jax.ShapeDtypeStruct):
       return x
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    x = np.asarray(x)
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
   return jax.tree.map(to_struct, tree)
@@ -155,10 +174,16 @@ def restore(
   Args:
     directory: the checkpoint directory.
     params_like: a pytree with the structure, shapes and dtypes of the params:
-      the params themselves or ``jax.eval_shape`` of the model's init.
+      the params themselves or ``jax.eval_shape`` of the model's init. A leaf
+      that carries a sharding (a ``jax.Array``, or a ``jax.ShapeDtypeStruct``
+      with ``sharding=``) is restored with that sharding; the others as orbax
+      saved them (which needs the topology that saved).
     opt_state_like: the same for the optimizer state, e.g.
-      ``jax.eval_shape(tx.init, params_like)``. Its structure (NamedTuples,
-      ``None`` fields, ``EmptyState``) is what comes back.
+      ``jax.eval_shape(tx.init, params_like)``, or, to place it like the
+      params, ``jax.eval_shape(jax.jit(tx.init, out_shardings=state_sh),
+      params_like)`` with ``state_sh = optax_soaa.state_shardings(tx,
+      params_like)``. Its structure (NamedTuples, ``None`` fields,
+      ``EmptyState``) is what comes back.
 
   Returns:
     ``(params, opt_state, step)``; `step` is None when none was saved.

@@ -1,9 +1,11 @@
-"""AdaFisher layer statistics collected by optax_soaa.flax.
+"""AdaFisher layer statistics of Flax models (optax_soaa.flax wrappers of the
+core collector).
 
 The references here are computed independently: the layers' inputs via
 ``Module.sow`` and the gradients w.r.t. their outputs via ``Module.perturb``
 (Linen) or additive zero perturbations (NNX), then ``h`` and ``s`` in NumPy
-from those, with explicit padding and patch loops for the convolutions.
+from those, with explicit padding and patch loops for the convolutions, and
+the authors' LayerNorm / BatchNorm formulas restated in NumPy.
 """
 
 import os
@@ -25,6 +27,32 @@ from optax_soaa.flax import nnx_value_grad_and_stats
 from optax_soaa.flax import value_grad_and_stats
 
 RTOL = 2e-5
+
+
+def np_layernorm_reference(x, delta):
+  """The authors' Compute_H_D.layernorm / Compute_S_D.layernorm in NumPy."""
+  x, delta = np.asarray(x, np.float64), np.asarray(delta, np.float64)
+  dims = tuple(d for d in range(x.ndim) if d != 1)
+  batch = x.shape[0]
+  dim_norm = int(np.prod([x.shape[d] for d in dims if d != 0]))
+  sum_h = x.sum(axis=dims)[:, None] / dim_norm**2
+  h_bar = np.concatenate([sum_h, np.ones_like(sum_h)], axis=1)
+  h = np.einsum("ij,ij->j", h_bar, h_bar) / batch**2
+  sum_s = delta.sum(axis=tuple(range(delta.ndim - 1)))
+  return h, sum_s * sum_s / batch
+
+
+def np_batchnorm2d_reference(x_nhwc, delta_nhwc):
+  """The authors' Compute_H_D.batchnorm2d / Compute_S_D.batchnorm2d in
+  NumPy, on the NCHW transposes of channel-last arrays."""
+  x = np.transpose(np.asarray(x_nhwc, np.float64), (0, 3, 1, 2))
+  s = np.transpose(np.asarray(delta_nhwc, np.float64), (0, 3, 1, 2))
+  batch, spatial = x.shape[0], x.shape[2] * x.shape[3]
+  sum_h = x.sum(axis=(0, 2, 3))[:, None] / spatial**2
+  h_bar = np.concatenate([sum_h, np.ones_like(sum_h)], axis=1)
+  h = np.einsum("ij,ij->j", h_bar, h_bar) / batch**2
+  sum_s = s.sum(axis=(0, 2, 3))
+  return h, sum_s * sum_s / batch
 
 
 def _pads(size, k, stride, padding):
@@ -78,22 +106,26 @@ LAYERS = {
 
 
 class LinenNet(nn.Module):
-  """Convs (SAME/VALID, stride 1/2), Dense with and without bias, (B, T, D) input."""
+  """Convs (SAME/VALID, stride 1/2), Dense with and without bias, (B, T, D)
+  inputs, a BatchNorm (training mode) and LayerNorms on (B, D) and (B, T, D)."""
 
   @nn.compact
   def __call__(self, image, seq):
-    def layer(name, inputs):
-      kind, kw = LAYERS[name]
+    def layer(name, inputs, module=None):
       self.sow("inputs", name + "_in", inputs)
-      module = (nn.Conv if kind == "conv" else nn.Dense)(name=name, **kw)
+      if module is None:
+        kind, kw = LAYERS[name]
+        module = (nn.Conv if kind == "conv" else nn.Dense)(name=name, **kw)
       return self.perturb(name + "_out", module(inputs))
 
     h = jnp.tanh(layer("conv_same", image))
+    h = layer("bn", h, nn.BatchNorm(use_running_average=False, name="bn"))
     h = jnp.tanh(layer("conv_valid_s2", h))
     h = jnp.tanh(layer("conv_same_s2", h))
     h = jnp.tanh(layer("dense", h.reshape(h.shape[0], -1)))
-    h = h + jnp.tanh(layer("seq", seq)).mean(axis=1)
-    h = nn.LayerNorm()(h)
+    s = layer("ln_seq", jnp.tanh(layer("seq", seq)), nn.LayerNorm(name="ln_seq"))
+    h = h + s.mean(axis=1)
+    h = layer("ln", h, nn.LayerNorm(name="ln"))
     return layer("head", h)
 
 
@@ -114,17 +146,22 @@ def linen_setup():
   model = LinenNet()
   image, seq, target = _batch()
   variables = jax.jit(model.init)(jax.random.key(1), image, seq)
-  return model, variables["params"], variables["perturbations"], (image, seq, target)
+  return (model, variables["params"], variables["perturbations"],
+          variables["batch_stats"], (image, seq, target))
 
 
-def _reference(model, params, perturbations, batch):
+def _apply(model, variables, image, seq, mutable=()):
+  out, state = model.apply(variables, image, seq, mutable=["batch_stats", *mutable])
+  return out, state
+
+
+def _reference(model, params, perturbations, batch_stats, batch):
   image, seq, target = batch
 
   def loss_with_perturbations(perturbations):
-    out, state = model.apply(
-        {"params": params, "perturbations": perturbations}, image, seq,
-        mutable=["inputs"],
-    )
+    out, state = _apply(
+        model, {"params": params, "perturbations": perturbations,
+                "batch_stats": batch_stats}, image, seq, mutable=["inputs"])
     return _loss(out, target), state["inputs"]
 
   deltas, inputs = jax.jit(jax.grad(loss_with_perturbations, has_aux=True))(
@@ -137,16 +174,20 @@ def _reference(model, params, perturbations, batch):
     else:
       h = np_dense_h(x, kw["use_bias"])
     ref[name] = (h, np_s(deltas[name + "_out"]))
+  ref["bn"] = np_batchnorm2d_reference(inputs["bn_in"][0], deltas["bn_out"])
+  for name in ("ln", "ln_seq"):
+    ref[name] = np_layernorm_reference(inputs[name + "_in"][0], deltas[name + "_out"])
   return ref
 
 
 def test_linen_stats_match_numpy(linen_setup):
-  model, params, perturbations, batch = linen_setup
+  model, params, perturbations, batch_stats, batch = linen_setup
   image, seq, target = batch
-  ref = _reference(model, params, perturbations, batch)
+  ref = _reference(model, params, perturbations, batch_stats, batch)
 
   def loss_fn(params, image, seq, target):
-    return _loss(model.apply({"params": params}, image, seq), target)
+    out, _ = _apply(model, {"params": params, "batch_stats": batch_stats}, image, seq)
+    return _loss(out, target)
 
   fn = jax.jit(value_grad_and_stats(loss_fn))
   loss, grads, stats = fn(params, image, seq, target)
@@ -167,9 +208,20 @@ def test_linen_stats_match_numpy(linen_setup):
       assert stats[name]["bias"].part == "bias"
       np.testing.assert_allclose(stats[name]["bias"].h, h, rtol=RTOL)
       np.testing.assert_allclose(kernel_stats.h[-1], 1.0)
-  # The LayerNorm has no statistics: the optimizer's fallback applies.
-  assert stats["LayerNorm_0"]["scale"] is None
-  assert stats["LayerNorm_0"]["bias"] is None
+  # Normalisation layers: the reference's formulas, from the raw input.
+  for name, kind in (("bn", "batch_norm"), ("ln", "layer_norm"), ("ln_seq", "layer_norm")):
+    h, s = ref[name]
+    for part, leaf in (("kernel", "scale"), ("bias", "bias")):
+      st = stats[name][leaf]
+      assert (st.part, st.kind) == (part, kind), name
+      np.testing.assert_allclose(st.h, h, rtol=RTOL, err_msg=name)
+      # (Σ δ)²: a float32 sum of signed terms, compared to float64.
+      np.testing.assert_allclose(st.s, s, rtol=2e-4, err_msg=name)
+  # layers= leaves them to the fallback.
+  _, _, dense_conv = jax.jit(value_grad_and_stats(loss_fn, layers=("dense", "conv")))(
+      params, image, seq, target)
+  assert dense_conv["ln"]["scale"] is None and dense_conv["bn"]["bias"] is None
+  assert dense_conv["dense"]["kernel"] is not None
 
 
 def test_linen_has_aux_and_shared_module():
@@ -218,6 +270,7 @@ class NNXNet(nnx.Module):
     self.seq = make("seq", 3)
     self.head = make("head", 5)
     self.norm = nnx.LayerNorm(5, rngs=rngs)
+    self.bn = nnx.BatchNorm(3, rngs=rngs)
 
   def __call__(self, image, seq, eps=None):
     inputs = {}
@@ -228,11 +281,12 @@ class NNXNet(nnx.Module):
       return y if eps is None else y + eps[name]
 
     h = jnp.tanh(layer("conv_same", image))
+    h = layer("bn", h)
     h = jnp.tanh(layer("conv_valid_s2", h))
     h = jnp.tanh(layer("conv_same_s2", h))
     h = jnp.tanh(layer("dense", h.reshape(h.shape[0], -1)))
     h = h + jnp.tanh(layer("seq", seq)).mean(axis=1)
-    out = layer("head", self.norm(h))
+    out = layer("head", layer("norm", h))
     return out, inputs
 
 
@@ -247,7 +301,8 @@ def test_nnx_stats_match_numpy_and_optimizer_update():
     _, inputs = model(image, seq)
     eps0 = {name: jnp.zeros(jnp.shape(getattr(model, name)(x)))
             for name, x in inputs.items()}
-    deltas = jax.grad(lambda e: _loss(model(image, seq, e)[0], target))(eps0)
+    deltas = nnx.grad(lambda m, e: _loss(m(image, seq, e)[0], target),
+                      argnums=1)(model, eps0)
     return inputs, deltas
 
   inputs, deltas = reference(model)
@@ -270,9 +325,13 @@ def test_nnx_stats_match_numpy_and_optimizer_update():
       assert stats[name]["bias"].part == "bias"
     else:
       assert "bias" not in stats[name]
-  assert stats["norm"]["scale"] is None
-  # The class patch is restored after the call.
-  assert nnx.Linear.__call__.__name__ == "__call__"
+  h, s = np_layernorm_reference(inputs["norm"], deltas["norm"])
+  np.testing.assert_allclose(stats["norm"]["scale"].h, h, rtol=RTOL)
+  np.testing.assert_allclose(stats["norm"]["bias"].s, s, rtol=2e-4)
+  h, s = np_batchnorm2d_reference(inputs["bn"], deltas["bn"])
+  np.testing.assert_allclose(stats["bn"]["scale"].h, h, rtol=RTOL)
+  np.testing.assert_allclose(stats["bn"]["scale"].s, s, rtol=2e-4)
+  # Nothing is patched: the class is untouched.
   assert not hasattr(nnx.Linear.__call__, "__wrapped__")
 
   # The statistics fit nnx.Optimizer.update's extra-argument path.
@@ -286,10 +345,12 @@ def test_nnx_stats_match_numpy_and_optimizer_update():
 
 
 def test_stats_drive_the_optimizer_in_a_jitted_linen_step(linen_setup):
-  model, params, _, (image, seq, target) = linen_setup
-  tx = optax_soaa.adafisher(1e-3, stats_every=1)
+  model, params, _, batch_stats, (image, seq, target) = linen_setup
+  # α / λ = 0.01: with statistics every kernel steps about α / λ · m̂.
+  tx = optax_soaa.adafisher(1e-5, stats_every=1)
   fn = value_grad_and_stats(
-      lambda p: _loss(model.apply({"params": p}, image, seq), target)
+      lambda p: _loss(_apply(model, {"params": p, "batch_stats": batch_stats},
+                             image, seq)[0], target)
   )
 
   @jax.jit
@@ -305,10 +366,9 @@ def test_stats_drive_the_optimizer_in_a_jitted_linen_step(linen_setup):
     losses.append(float(loss))
   assert step._cache_size() == 1  # pylint: disable=protected-access
   fisher_state = state[1]
-  # Kernels with statistics moved their running averages off the ones;
-  # LayerNorm leaves (fallback) kept theirs.
-  assert not np.allclose(fisher_state.s["dense"]["kernel"], 1.0)
-  np.testing.assert_array_equal(fisher_state.s["LayerNorm_0"]["scale"], 1.0)
+  # Every leaf has statistics: all running averages left their ones.
+  for s in jax.tree.leaves(fisher_state.s):
+    assert not np.allclose(s, 1.0)
   assert losses[-1] < losses[0]
 
 
@@ -323,7 +383,8 @@ _DISTRIBUTED = textwrap.dedent("""
       @nn.compact
       def __call__(self, x):
         x = jnp.tanh(nn.Conv(3, (3, 3), strides=2)(x))
-        return nn.Dense(2)(x.reshape(x.shape[0], -1))
+        x = nn.LayerNorm()(x.reshape(x.shape[0], -1))
+        return nn.Dense(2)(x)
 
     model = Net()
     rng = np.random.default_rng(0)
@@ -338,26 +399,35 @@ _DISTRIBUTED = textwrap.dedent("""
         params, x.reshape(8, 2, 6, 6, 2), y.reshape(8, 2, 2))
     # Sharded jit: the batch split over the 8 devices, no axis name needed.
     mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
-    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    P = jax.sharding.PartitionSpec
+    shard = jax.sharding.NamedSharding(mesh, P("batch"))
     _, _, sharded = jax.jit(value_grad_and_stats(loss_fn))(
         params, jax.device_put(x, shard), jax.device_put(y, shard))
+    # shard_map (check_vma: pvary casts in the jaxpr), params replicated.
+    mapped_sm = jax.jit(jax.shard_map(
+        lambda p, x, y: value_grad_and_stats(loss_fn, axis_name="batch")(p, x, y)[2],
+        mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P(),
+        check_vma=True))(params, x, y)
     n = 0
-    for name in ("Conv_0", "Dense_0"):
-      for part in ("kernel", "bias"):
+    for name, parts in (("Conv_0", ("kernel", "bias")), ("Dense_0", ("kernel", "bias")),
+                        ("LayerNorm_0", ("scale", "bias"))):
+      for part in parts:
         for field in ("h", "s"):
           got = np.asarray(getattr(mapped[name][part], field))
           want = np.asarray(getattr(full[name][part], field))
           for d in range(8):
             np.testing.assert_allclose(got[d], want, rtol=1e-5, atol=0)
-          np.testing.assert_allclose(
-              np.asarray(getattr(sharded[name][part], field)), want, rtol=1e-5)
+          for other in (sharded, mapped_sm):
+            np.testing.assert_allclose(
+                np.asarray(getattr(other[name][part], field)), want, rtol=1e-5)
           n += 1
     print("checked", n)
 """)
 
 
 def test_stats_over_8_devices_equal_full_batch():
-  """pmap with axis_name (pmean, s rescaled) and sharded jit both equal one device."""
+  """pmap and shard_map with axis_name (pmean, s rescaled; the norm layers'
+  sums psum-ed) and sharded jit all equal one device."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   env["JAX_PLATFORMS"] = "cpu"
@@ -368,4 +438,4 @@ def test_stats_over_8_devices_equal_full_batch():
       capture_output=True, text=True, timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "checked 8" in result.stdout
+  assert "checked 12" in result.stdout

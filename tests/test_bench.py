@@ -77,6 +77,8 @@ def test_results_json_curves(results, name):
   assert r["final"]["test_loss"] == pytest.approx(
       test[-1, r["best_index"]], rel=1e-9)
   assert r["step_time_s"] > 0 and r["step_time_ratio"] > 0
+  assert r["wall_s"] > curves["wall_s"] > 0
+  assert r["execution"] == "sequential"  # auto, on the CPU
 
 
 def test_results_json_measures_relative_to_adam(results):
@@ -95,13 +97,45 @@ def test_results_json_measures_relative_to_adam(results):
           r["steps_to_target"] * r["step_time_s"])
 
 
-def test_soaa_dt_logged_within_its_bounds(results):
-  (curves,) = results["optimizers"]["soaa-variance"]["curves"]
-  dt = np.asarray(curves["diagnostic"], np.float64)
-  assert dt.shape == (len(curves["step"]), len(FACTORS))
-  assert (dt[0] == 1.0).all()
+def test_soaa_dt_recorded_every_step_within_its_bounds(results):
+  r = results["optimizers"]["soaa-variance"]
+  (curves,) = r["curves"]
+  dt = np.asarray(curves["per_step"]["dt"], np.float64)
+  ratio = np.asarray(curves["per_step"]["trust_ratio"], np.float64)
+  assert dt.shape == ratio.shape == (STEPS, len(FACTORS))
   assert ((dt >= 0.9 - 1e-6) & (dt <= 2.0 + 1e-6)).all()
+  # The evaluation-time diagnostic is the per-step value at that step.
+  at_eval = np.asarray(curves["diagnostic"][1:], np.float64)
+  np.testing.assert_allclose(at_eval, dt[np.asarray(curves["step"][1:]) - 1],
+                             rtol=1e-5)
+  every = results["task"]["eval_every"]
+  lower = np.asarray(curves["dt_at_lower"])
+  upper = np.asarray(curves["dt_at_upper"])
+  assert lower.shape == upper.shape == (STEPS // every, len(FACTORS))
+  assert ((lower >= 0) & (upper >= 0) & (lower + upper <= 1 + 1e-9)).all()
+  side = runner_lib.clip_side(np.asarray(curves["per_step"]["dt"], np.float32),
+                              np.asarray(ratio, np.float32))
+  np.testing.assert_allclose(lower, (side == -1).reshape(-1, every, 2).mean(1))
+  # Against SOAA's bounds (gamma 0.1, T = the run's steps): a step read as
+  # clipped sits on its bound; an unclipped one lies within them.
+  t = np.arange(1, STEPS + 1)[:, None]
+  low, high = 0.9 ** ((t - 1) / STEPS), 1 + 0.1 ** ((t - 1) / STEPS)
+  on = lambda b: np.isclose(dt, b, rtol=1e-5)
+  assert on(np.broadcast_to(low, dt.shape))[side == -1].all()
+  assert on(np.broadcast_to(high, dt.shape))[side == 1].all()
+  assert ((dt >= low - 1e-6) & (dt <= high + 1e-6))[side == 0].all()
+  assert (side != 0).any()
   assert results["optimizers"]["adam"]["curves"][0]["diagnostic"][0] is None
+  assert results["optimizers"]["adam"]["curves"][0]["per_step"] == {}
+
+
+def test_clip_side_tells_which_bound_acted():
+  dt = np.asarray([[0.9], [1.8], [1.8], [2.0]], np.float32)
+  # step 1: 0.5 x 1 clipped up to 0.9; step 2: 2 x 0.9 unclipped; step 3:
+  # 1 x 1.8 unclipped; step 4: 3 x 1.8 = 5.4 clipped down to 2.
+  ratio = np.asarray([[0.5], [2.0], [1.0], [3.0]], np.float32)
+  np.testing.assert_array_equal(runner_lib.clip_side(dt, ratio)[:, 0],
+                                [-1, 0, 0, 1])
 
 
 def test_markdown_table_written_and_printed(run_dir, results):

@@ -81,6 +81,7 @@ def test_matches_manual_update_and_replaces_fields():
   assert new_state.batch_stats == {"mean": 1.0}  # a field is still replaced
 
 
+@pytest.mark.filterwarnings("ignore::optax_soaa.MissingValueWarning")
 def test_flax_own_train_state_cannot_forward_value():
   """Why the subclass exists: Flax treats `value` as a field to replace."""
   model = _MLP()

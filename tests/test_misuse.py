@@ -81,6 +81,7 @@ def test_grads_shape_mismatch_names_the_leaf(name):
 
 
 @pytest.mark.parametrize("name", R.NAMES)
+@pytest.mark.filterwarnings("ignore::optax_soaa.MissingValueWarning")
 def test_missing_params_with_weight_decay_raises(name):
   spec = R.SPECS[name]
   tx = spec.make(weight_decay=0.1)

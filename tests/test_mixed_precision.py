@@ -10,10 +10,8 @@ import pytest
 from tests import _reliability as R
 from tests import state_memory
 
-# Optimizers that cannot yet hold ALL params-shaped state in a chosen dtype
-# (no `nu_dtype`); /work/patches/{soaa,adafisher}.py.patch add it. Empty this
-# set once applied (a strict xfail that passes fails the suite).
-# arTuRO keeps its Kalman filter in float32 or wider by design: no bf16 state.
+# Optimizers whose params-shaped state has no dtype option, by design: arTuRO
+# keeps its Kalman filter in float32 or wider (no bfloat16 state).
 NO_STATE_DTYPE_BY_DESIGN = {"arturo"}
 
 MODES = [

@@ -62,7 +62,7 @@ def materialise(spec_tree, seed, scale=1.0):
 
 
 # One representative per algorithm: every example compiles anew.
-PROPERTY_NAMES = [n for n in ("soaa", "arturo", "adafisher") if n in R.SPECS]
+PROPERTY_NAMES = list(R.CORE)
 
 
 def two_steps(update_fn, tx, params, g1, g2):

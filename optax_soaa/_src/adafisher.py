@@ -1,128 +1,171 @@
 """AdaFisher and AdaFisherW: diagonal Kronecker-factored Fisher preconditioning.
 
 Paper: *"AdaFisher: Adaptive Second Order Optimization via Fisher Information"*
-(Gomes, Zhang, Belilovsky, Wolf, Hosseini; ICLR 2025; thesis arXiv 2504.20096).
-The numbers follow the authors' public PyTorch code (AtlasAnalyticsLab/AdaFisher,
-``optimizers/AdaFisher.py``) as read in the project's spec
-(``shared/specs/adafisher.md``). This module imports no Flax: the statistics
-arrive as a pytree of :class:`LayerStats` (see
-:func:`optax_soaa.flax.value_grad_and_stats` for a Flax helper that makes it).
+(Gomes, Zhang, Belilovsky, Wolf, Hosseini; ICLR 2025; thesis arXiv
+2504.20096). The numbers follow the authors' public PyTorch code
+(AtlasAnalyticsLab/AdaFisher, ``optimizers/AdaFisher.py``). This module
+imports no model library: the statistics arrive as a pytree of
+:class:`LayerStats`, made by :func:`optax_soaa.value_grad_and_stats` from any
+JAX loss function.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, NamedTuple, Optional
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from optax._src import numerics
 
 from optax_soaa._src import utils
+from optax_soaa._src.layer_stats import default_layout
+from optax_soaa._src.layer_stats import is_stats_leaf
+from optax_soaa._src.layer_stats import LayerLayout
+from optax_soaa._src.layer_stats import LayerStats
 
 FALLBACKS = ("identity", "adam")
 PARTS = ("kernel", "bias")
 _MINMAX_EPS = 1e-6
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerStats:
-  """Statistics of one layer, placed at one parameter leaf.
-
-  For a layer ``y = x W + b`` (any leading dimensions; a convolution with its
-  input patches as ``x``) over ``N`` rows (examples x positions):
-
-  * ``h``: shape (fan_in,) or (fan_in + 1,): ``Σ_n x̄² / N`` with
-    ``x̄ = [x, 1]`` when the layer has a bias (the last entry is then 1).
-    ``fan_in`` is the product of the kernel's dimensions except the last, in
-    the kernel's own order (``(kh, kw, in)`` for a Flax ``Conv`` kernel).
-  * ``s``: shape (out,): ``Σ_n δ² / N`` with ``δ = ∂loss/∂y``.
-  * ``part`` (static): ``"kernel"`` at the kernel leaf (its Fisher is
-    ``h[:fan_in] ⊗ s`` laid out like the kernel, ``(..., out)``) or ``"bias"``
-    at the bias leaf (its Fisher is ``h[-1] · s``). Both leaves of a layer
-    carry the same ``h`` and ``s``: the min-max normalisation runs over the
-    whole ``h``, bias entry included, as the reference code does.
-  """
-
-  h: jax.Array
-  s: jax.Array
-  part: str = "kernel"
-
-
-jax.tree_util.register_dataclass(
-    LayerStats, data_fields=["h", "s"], meta_fields=["part"]
-)
-
-
 class AdaFisherState(NamedTuple):
   """State of :func:`scale_by_adafisher`.
 
   ``S`` is the statistics dtype: float32, or the params' dtype where wider.
-  For a parameter leaf of shape ``(d_1, ..., d_k)``, ``fan_in = d_1···d_{k-1}``
-  and ``out = d_k`` (a 0-d leaf counts as shape ``(1,)``).
+  For a parameter leaf with layout ``(stack, in, out)`` (:class:`LayerLayout`;
+  by default ``in`` = all axes but the last, ``out`` = the last, no stack),
+  ``stack`` is the shape of its stack axes, ``fan_in`` and ``fan_out`` the
+  products of its input and output axes' sizes (1 when there are none).
   """
 
   count: jax.Array  # shape=(), int32: steps taken.
+  refresh: jax.Array  # shape=(), bool: whether the next update refreshes the
+  # running averages (read by optax_soaa.stats_due).
   mu: optax.Updates  # like params (dtype mu_dtype or params'): momentum m.
   nu: Optional[optax.Updates]  # like params (dtype nu_dtype or params'):
   # Adam second moment of the fallback="adam" leaves; None for
   # fallback="identity".
-  h: optax.Updates  # per leaf, shape (fan_in,), S: running average of the
-  # min-max-normalised input diagonal (starts at ones).
-  s: optax.Updates  # per leaf, shape (out,), S: running average of the
-  # min-max-normalised output-gradient diagonal (starts at ones).
+  h: optax.Updates  # per leaf, shape stack + (fan_in,), S: running average of
+  # the min-max-normalised input statistic (starts at ones).
+  s: optax.Updates  # per leaf, shape stack + (fan_out,), S: running average of
+  # the min-max-normalised output-gradient statistic (starts at ones).
 
 
-def _leaf_dims(shape: tuple[int, ...]) -> tuple[int, int]:
-  if not shape:
-    return 1, 1
-  return math.prod(shape[:-1]), shape[-1]
+def _check_layout(path: str, shape: tuple[int, ...], layout: LayerLayout) -> None:
+  axes = sorted(layout.stack_axes + layout.in_axes + layout.out_axes)
+  if axes != list(range(len(shape))):
+    raise ValueError(
+        f"layout {layout} for parameter {path} of shape {shape} must list "
+        "each of its axes once.")
+
+
+def _leaf_layouts(treedef, leaves, paths, layouts) -> list[LayerLayout]:
+  """Each leaf's static layout: from `layouts` where given, else the default."""
+  if layouts is None:
+    return [default_layout(jnp.ndim(x)) for x in leaves]
+  try:
+    given = treedef.flatten_up_to(layouts)
+  except (ValueError, TypeError):
+    # Containers may differ (an nnx.State of Variables against a pure one):
+    # the leaves must still correspond one to one.
+    given = jax.tree.leaves(layouts, is_leaf=is_stats_leaf)
+  if len(given) != len(leaves):
+    raise ValueError(
+        f"`layouts` has {len(given)} leaves, the params have {len(leaves)}; "
+        "pass optax_soaa.stats_layouts(...) of these params.")
+  out = []
+  for path, x, lay in zip(paths, leaves, given):
+    ndim = jnp.ndim(x)
+    if lay is None:
+      lay = default_layout(ndim)
+    elif isinstance(lay, LayerStats):
+      lay = lay.layout(ndim)
+    elif not isinstance(lay, LayerLayout):
+      raise ValueError(
+          f"`layouts` leaf for parameter {path} must be a LayerLayout, "
+          f"LayerStats or None, got {type(lay).__name__}.")
+    _check_layout(path, jnp.shape(x), lay)
+    out.append(lay)
+  return out
+
+
+def _layout_dims(shape, layout: LayerLayout) -> tuple[tuple[int, ...], int, int]:
+  """(stack shape, fan_in, fan_out) of a leaf under `layout`."""
+  pick = lambda axes: tuple(shape[a] for a in axes)
+  return (pick(layout.stack_axes), math.prod(pick(layout.in_axes)),
+          math.prod(pick(layout.out_axes)))
 
 
 def _min_max(x: jax.Array) -> jax.Array:
-  """The reference's normalisation: +inf → 1, -inf → 0, then to [0, 1]."""
+  """The reference's normalisation along the last axis: +inf → 1, -inf → 0,
+  then to [0, 1]."""
   x = jnp.where(x == jnp.inf, jnp.ones_like(x), x)
   x = jnp.where(x == -jnp.inf, jnp.zeros_like(x), x)
-  lo = jnp.min(x)
-  return (x - lo) / (jnp.max(x) - lo + _MINMAX_EPS)
+  lo = jnp.min(x, axis=-1, keepdims=True, initial=jnp.inf)  # initial: 0-size layers
+  return (x - lo) / (jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf) - lo + _MINMAX_EPS)
 
 
-def _check_stats(path: str, shape: tuple[int, ...], st: Any) -> None:
-  """Raises at trace time when a leaf's statistics cannot fit its shape."""
+def _fisher(h, s, shape, layout: LayerLayout, damping, dtype) -> jax.Array:
+  """``H[i] S[o] + λ`` laid out like the leaf."""
+  f = h[..., :, None].astype(dtype) * s[..., None, :].astype(dtype) + damping
+  pick = lambda axes: tuple(shape[a] for a in axes)
+  f = f.reshape(pick(layout.stack_axes) + pick(layout.in_axes) + pick(layout.out_axes))
+  order = layout.stack_axes + layout.in_axes + layout.out_axes
+  return jnp.transpose(f, tuple(np.argsort(order))).reshape(shape)
+
+
+def _check_stats(path: str, shape: tuple[int, ...], st: Any, layout: LayerLayout) -> None:
+  """Raises at trace time when a leaf's statistics cannot fit it."""
   if not isinstance(st, LayerStats):
     raise TypeError(
         f"stats for parameter {path} must be a LayerStats or None, got "
-        f"{type(st).__name__}."
-    )
+        f"{type(st).__name__}.")
   if st.part not in PARTS:
     raise ValueError(
         f"stats for parameter {path}: part must be one of {PARTS}, got "
-        f"{st.part!r}."
-    )
-  fan_in, out = _leaf_dims(shape)
-  h_len, s_len = jnp.shape(st.h), jnp.shape(st.s)
-  if len(h_len) != 1 or len(s_len) != 1:
+        f"{st.part!r}.")
+  got = st.layout(len(shape))
+  if got != layout:
     raise ValueError(
-        f"stats for parameter {path}: h and s must be vectors, got shapes "
-        f"{h_len} and {s_len}."
-    )
-  if s_len[0] != out:
+        f"stats for parameter {path} of shape {shape} have layout {got}, but "
+        f"the optimizer's state is laid out {layout}. Build the optimizer "
+        "with layouts=optax_soaa.stats_layouts(<your value_grad_and_stats "
+        "function>, params, *batch).")
+  stack, fan_in, fan_out = _layout_dims(shape, layout)
+  h_shape, s_shape = jnp.shape(st.h), jnp.shape(st.s)
+  if len(h_shape) != len(stack) + 1 or len(s_shape) != len(stack) + 1:
     raise ValueError(
-        f"stats for parameter {path} of shape {shape}: s has {s_len[0]} "
-        f"entries, the parameter's last dimension is {out}."
-    )
-  if st.part == "kernel" and h_len[0] not in (fan_in, fan_in + 1):
+        f"stats for parameter {path}: h and s must be vectors (one per stacked "
+        f"layer: leading shape {stack}), got shapes {h_shape} and {s_shape}.")
+  if h_shape[:-1] != stack or s_shape[:-1] != stack:
     raise ValueError(
-        f"stats for kernel {path} of shape {shape}: h has {h_len[0]} entries, "
-        f"expected {fan_in} (no bias) or {fan_in + 1} (with bias)."
-    )
-  if st.part == "bias" and (len(shape) > 1 or h_len[0] < 1):
+        f"stats for parameter {path}: leading shapes {h_shape[:-1]} / "
+        f"{s_shape[:-1]} of h / s must be the stack shape {stack}.")
+  if s_shape[-1] != fan_out:
     raise ValueError(
-        f"stats for bias {path} of shape {shape}: a bias must be a vector "
-        "and h must end with its bias entry."
-    )
+        f"stats for parameter {path} of shape {shape}: s has {s_shape[-1]} "
+        f"entries, the parameter has {fan_out} outputs.")
+  if st.part == "kernel" and h_shape[-1] not in (fan_in, fan_in + 1):
+    raise ValueError(
+        f"stats for kernel {path} of shape {shape}: h has {h_shape[-1]} "
+        f"entries, expected {fan_in} (no bias) or {fan_in + 1} (with bias).")
+  if st.part == "bias" and (fan_in != 1 or h_shape[-1] < 1):
+    raise ValueError(
+        f"stats for bias {path} of shape {shape}: a bias has one element per "
+        "output and h must end with its bias entry.")
+
+
+def _warn_no_stats():
+  warnings.warn(
+      "AdaFisher's update got no statistics (stats=None, or None at every "
+      "leaf): every parameter takes the fallback step. Pass the statistics of "
+      "the same step: value, grads, extras = "
+      "optax_soaa.value_grad_and_stats(loss_fn)(params, *batch); "
+      "tx.update(grads, state, params, **extras).",
+      stacklevel=2)
 
 
 def scale_by_adafisher(
@@ -138,11 +181,13 @@ def scale_by_adafisher(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     axis_name: Optional[str] = None,
+    layouts: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales gradients into AdaFisher's direction ``m̂ / F̃``.
 
   The returned updates are to be scaled by ``-learning_rate`` (as
-  :func:`optax.scale_by_adam`'s are); see :func:`adafisher` for the equations.
+  :func:`optax.scale_by_adam`'s are); see :func:`adafisher` for the equations
+  and the readings of the paper.
 
   Args:
     b1: momentum decay β, in [0, 1).
@@ -151,7 +196,8 @@ def scale_by_adafisher(
     damping: λ >= 0 added to every Fisher entry.
     stats_every: statistics refresh the running averages on the steps whose
       count before the step is a multiple of this (steps 1, 1 + k, 1 + 2k...
-      counting from 1), like the reference's ``TCov``.
+      counting from 1), like the reference's ``TCov``. A positive int (an
+      array under :func:`optax.inject_hyperparams`).
     fallback: how leaves without statistics are scaled: ``"identity"``
       (``F̃ = 1``: bias-corrected momentum, as the reference does) or
       ``"adam"`` (``F̃ = sqrt(v̂) + fallback_eps``, ``v`` decayed by
@@ -163,8 +209,15 @@ def scale_by_adafisher(
       (e.g. float32 state for bfloat16 params); the params' dtype if None.
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       incoming statistics are averaged (``pmean``) before use. Not needed
-      when the Flax helper already averaged them (its own ``axis_name``;
-      averaging twice changes nothing) or under sharded ``jit``.
+      when :func:`optax_soaa.value_grad_and_stats` already averaged them
+      (its own ``axis_name``; averaging twice changes nothing) or under
+      sharded ``jit``.
+    layouts: which axes of each leaf are inputs, outputs and stacked layers:
+      a pytree like params whose leaves are :class:`optax_soaa.LayerLayout`,
+      :class:`LayerStats` (their layout is read) or None (the default
+      ``(..., in, out)``), e.g. :func:`optax_soaa.stats_layouts`. Fixes the
+      shapes of the state's running averages; statistics of another layout
+      raise at trace time.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
@@ -175,26 +228,27 @@ def scale_by_adafisher(
   utils.check_range("decay", decay, lower=0.0)
   utils.check_range("new_weight", new_weight, lower=0.0)
   utils.check_range("damping", damping, lower=0.0)
-  utils.check_positive_int("stats_every", stats_every)
+  if not isinstance(stats_every, jax.Array):  # inject_hyperparams: arrays.
+    utils.check_positive_int("stats_every", stats_every)
   utils.check_choice("fallback", fallback, FALLBACKS)
   utils.check_range(
-      "fallback_b2", fallback_b2, lower=0.0, upper=1.0, upper_inclusive=False
-  )
+      "fallback_b2", fallback_b2, lower=0.0, upper=1.0, upper_inclusive=False)
   utils.check_range("fallback_eps", fallback_eps, lower=0.0)
-  mu_dtype = optax._src.utils.canonicalize_dtype(mu_dtype)  # pylint: disable=protected-access
-  nu_dtype = optax._src.utils.canonicalize_dtype(nu_dtype)  # pylint: disable=protected-access
   use_adam = fallback == "adam"
 
   def init_fn(params):
     sdtype = utils.scalar_dtype(params)
-    ones_h = lambda p: jnp.ones((_leaf_dims(jnp.shape(p))[0],), sdtype)
-    ones_s = lambda p: jnp.ones((_leaf_dims(jnp.shape(p))[1],), sdtype)
+    leaves, treedef = jax.tree.flatten(params)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    dims = [_layout_dims(jnp.shape(x), lay)
+            for x, lay in zip(leaves, _leaf_layouts(treedef, leaves, paths, layouts))]
     return AdaFisherState(
         count=jnp.zeros([], jnp.int32),
+        refresh=jnp.ones([], bool),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
         nu=optax.tree.zeros_like(params, dtype=nu_dtype) if use_adam else None,
-        h=jax.tree.map(ones_h, params),
-        s=jax.tree.map(ones_s, params),
+        h=jax.tree.unflatten(treedef, [jnp.ones(st + (fi,), sdtype) for st, fi, _ in dims]),
+        s=jax.tree.unflatten(treedef, [jnp.ones(st + (fo,), sdtype) for st, _, fo in dims]),
     )
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
@@ -207,8 +261,8 @@ def scale_by_adafisher(
     del params
     grads = updates
     leaves, treedef = jax.tree.flatten(grads)
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(grads)[0]]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(grads)]
+    leaf_layouts = _leaf_layouts(treedef, leaves, paths, layouts)
     if stats is None:
       leaf_stats = [None] * len(leaves)
     else:
@@ -218,23 +272,24 @@ def scale_by_adafisher(
         raise ValueError(
             "`stats` must be a pytree with the structure of the gradients whose "
             "leaves are LayerStats (or None for the fallback); got a "
-            f"mismatching structure: {e}"
-        ) from None
-    for path, g, st in zip(paths, leaves, leaf_stats):
+            f"mismatching structure: {e}") from None
+    if leaves and all(st is None for st in leaf_stats):
+      _warn_no_stats()
+    for path, g, st, lay in zip(paths, leaves, leaf_stats, leaf_layouts):
       if st is not None:
-        _check_stats(path, jnp.shape(g), st)
+        _check_stats(path, jnp.shape(g), st, lay)
 
-    count_inc = numerics.safe_int32_increment(state.count)
+    count_inc = optax.safe_int32_increment(state.count)
     sdtype = jax.tree.leaves(state.h)[0].dtype if jax.tree.leaves(state.h) else jnp.float32
     t = count_inc.astype(sdtype)
     bc1 = 1 - jnp.asarray(b1, sdtype) ** t
-    refresh = state.count % stats_every == 0
+    refresh = state.refresh
     decay_ = jnp.asarray(decay, sdtype)
     new_weight_ = jnp.asarray(new_weight, sdtype)
     damping_ = jnp.asarray(damping, sdtype)
 
     mu = optax.tree.update_moment(grads, state.mu, b1, 1)
-    mu = optax.tree.cast(mu, mu_dtype)
+    mu = optax.tree.cast_like(mu, state.mu)
     if use_adam:
       nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, fallback_b2, 2)
       nu = optax.tree.cast_like(nu, state.nu)
@@ -248,9 +303,8 @@ def scale_by_adafisher(
     h_leaves = treedef.flatten_up_to(state.h)
     s_leaves = treedef.flatten_up_to(state.s)
     directions, new_h, new_s = [], [], []
-    for g, m, v, h_avg, s_avg, st in zip(
-        leaves, mu_leaves, nu_leaves, h_leaves, s_leaves, leaf_stats
-    ):
+    for g, m, v, h_avg, s_avg, st, lay in zip(
+        leaves, mu_leaves, nu_leaves, h_leaves, s_leaves, leaf_stats, leaf_layouts):
       shape = jnp.shape(g)
       dtype = jnp.promote_types(m.dtype, g.dtype)
       m_hat = m.astype(dtype) / bc1.astype(dtype)
@@ -269,23 +323,18 @@ def scale_by_adafisher(
           h_in = jax.lax.pmean(h_in, axis_name)
           s_in = jax.lax.pmean(s_in, axis_name)
         h_norm = _min_max(h_in)
-        fan_in = h_avg.shape[0]
-        h_part = h_norm[:fan_in] if st.part == "kernel" else h_norm[-fan_in:]
+        fan_in = h_avg.shape[-1]
+        h_part = h_norm[..., :fan_in] if st.part == "kernel" else h_norm[..., -fan_in:]
         h_next = jnp.where(refresh, decay_ * h_avg + new_weight_ * h_part, h_avg)
-        s_next = jnp.where(
-            refresh, decay_ * s_avg + new_weight_ * _min_max(s_in), s_avg
-        )
-        fisher = (
-            h_next[:, None].astype(dtype) * s_next[None, :].astype(dtype)
-            + damping_.astype(dtype)
-        ).reshape(shape)
-        direction = m_hat / fisher
+        s_next = jnp.where(refresh, decay_ * s_avg + new_weight_ * _min_max(s_in), s_avg)
+        direction = m_hat / _fisher(h_next, s_next, shape, lay, damping_.astype(dtype), dtype)
         new_h.append(h_next)
         new_s.append(s_next)
       directions.append(direction.astype(g.dtype))
 
     new_state = AdaFisherState(
         count=count_inc,
+        refresh=(count_inc % stats_every) == 0,
         mu=mu,
         nu=nu,
         h=jax.tree.unflatten(treedef, new_h),
@@ -296,24 +345,82 @@ def scale_by_adafisher(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-_DOC_COMMON = r"""
-  From *"AdaFisher: Adaptive Second Order Optimization via Fisher
-  Information"* (ICLR 2025; arXiv 2504.20096), with the numbers of the authors'
-  code. For a layer ``y = x W + b`` the empirical Fisher is approximated as
-  ``H ⊗ S`` (K-FAC) and only the diagonals are kept: ``h`` (inputs) and ``s``
-  (gradients w.r.t. the outputs), both given per step in ``stats=``. At step
-  ``t`` (counting from 1) with gradients ``g`` and params ``θ``::
+def stats_due(opt_state: Any) -> Any:
+  """Whether the next update of an AdaFisher in `opt_state` refreshes its
+  statistics.
 
-    if (t - 1) % stats_every == 0:                 (refresh, like TCov)
+  Looks through any nesting (``optax.chain``, ``inject_hyperparams``,
+  ``MultiSteps``, ``multi_transform``) for :class:`AdaFisherState` and
+  returns a boolean array (true if any of them refreshes), or ``False``
+  when there is none (SOAA, arTuRO, optax optimizers need no statistics).
+  Pass it to the function made by :func:`optax_soaa.value_grad_and_stats`
+  so that only refresh steps compute statistics::
+
+    value, grads, extras = loss_grads_stats(params, x, y,
+                                            stats_due=optax_soaa.stats_due(state))
+  """
+  found = [s.refresh for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, AdaFisherState))
+           if isinstance(s, AdaFisherState)]
+  if not found:
+    return False
+  return jnp.any(jnp.stack(found))
+
+
+def _adafisher_chain(learning_rate, b1, decay, new_weight, damping, stats_every,
+                     weight_decay, decoupled, **kwargs):
+  utils.check_schedule_or_nonneg("learning_rate", learning_rate)
+  utils.check_range("weight_decay", weight_decay, lower=0.0)
+  decay_weights = optax.add_decayed_weights(weight_decay)
+  precondition = scale_by_adafisher(
+      b1=b1, decay=decay, new_weight=new_weight, damping=damping,
+      stats_every=stats_every, **kwargs)
+  # AdaFisherW decays θ after preconditioning (scaled by α, not by F̃);
+  # AdaFisher adds wd θ to the gradient before the momentum.
+  stages = ((precondition, decay_weights) if decoupled
+            else (decay_weights, precondition))
+  return optax.chain(*stages, optax.scale_by_learning_rate(learning_rate))
+
+
+def adafisher(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    decay: float = 0.08,
+    new_weight: float = 0.008,
+    damping: float = 1e-3,
+    stats_every: int = 100,
+    weight_decay: float = 0.0,
+    *,
+    fallback: str = "identity",
+    fallback_b2: float = 0.999,
+    fallback_eps: float = 1e-8,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+    axis_name: Optional[str] = None,
+    layouts: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaFisher: momentum preconditioned by a diagonal Kronecker-factored Fisher.
+
+  For a layer ``y = x W + b`` the empirical Fisher is approximated as
+  ``H ⊗ S`` (K-FAC) and only the diagonals are kept: ``h``, the mean square of
+  the layer inputs, and ``s``, the mean square of the gradients w.r.t. the
+  layer outputs. Both come with each step's gradients in ``stats=``
+  (:func:`optax_soaa.value_grad_and_stats` computes them for any JAX model).
+  At step ``t`` (counting from 1) with gradients ``g`` and params ``θ``::
+
+    if (t - 1) % stats_every == 0:                   (refresh, the code's TCov)
       H ← a H + b minmax(h)      S ← a S + b minmax(s)      (H, S start at 1)
-    F̃[i, o] = H[i] S[o] + λ      (kernel laid out (..., in, out), i over all
-                                  but the last axis; bias: F̃[o] = H[-1] S[o] + λ)
+    F̃[i, o] = H[i] S[o] + λ      (i over the kernel's input axes, o over its
+                                  output axes; a bias: F̃[o] = H[-1] S[o] + λ)
     F̃ = 1                        (leaves without statistics, fallback="identity")
     F̃ = sqrt(v̂) + eps            (leaves without statistics, fallback="adam")
-    minmax(x) = (x - min x) / (max x - min x + 1e-6)  after +inf → 1, -inf → 0
-{equations}
+    m ← β m + (1-β) (g + wd θ)
+    θ ← θ - α / (1-β^t) · m / F̃
 
-  Readings chosen here:
+  with ``minmax(x) = (x - min x) / (max x - min x + 1e-6)`` per layer, after
+  ``+inf → 1, -inf → 0``.
+
+  Readings of the paper and the authors' code chosen here:
 
   * ``a = 0.08, b = 0.008`` by default, the authors' code in both of its
     forms: the current ``optimizers/AdaFisher.py`` takes one ``γ = 0.8`` and
@@ -327,39 +434,56 @@ _DOC_COMMON = r"""
     min-max-normalised statistic, so ``H[i] S[o] <= 0.0087² ≈ 7.6e-5`` and
     ``F̃ = λ (1 + at most 7.6 %)`` with the default ``λ = 1e-3``. AdaFisher
     then steps like momentum SGD with step ``α / λ``, the layer curvature
-    modulating each coordinate's step by at most a few per cent. That is the
-    authors' algorithm as they ship it; the defaults keep it.
+    modulating each coordinate's step by at most a few per cent, and often
+    far less: the mean square of the output gradients of a batch-mean loss
+    is small, and where the spread of ``s`` is not large against the
+    ``1e-6`` that min-max normalisation adds to it, ``minmax(s)`` stays far
+    below 1. That is the authors' algorithm as they ship it; the defaults
+    keep it.
+  * Leaves without statistics: with the identity fallback (the reference's
+    ``F̃ = 1``) such a leaf steps ``α m̂`` while a leaf with statistics steps
+    about ``α m̂ / λ``, 1/λ = 1000 times more. Embeddings have no statistics
+    in the reference either, so they barely train there and here;
+    ``fallback="adam"`` gives them Adam's step instead (``α m̂ / (sqrt(v̂) +
+    eps)``, about ``α`` per coordinate whatever the gradient's scale).
+  * Normalisation layers as the reference does them: LayerNorm and
+    BatchNorm scale and bias get statistics from
+    :func:`optax_soaa.value_grad_and_stats` by default, with the reference's
+    formulas: ``h`` is two numbers per layer (scale, bias) computed from the
+    layer's raw input and min-max normalised together (so one of them is 0
+    and the other about 1), and LayerNorm's input statistic reduces over
+    every axis but axis 1 (the sequence axis of a ``(B, T, D)`` input). That
+    is the faithful setting; ``value_grad_and_stats(..., layers=("dense",
+    "conv"))`` leaves them to the fallback, 1000 times slower as above.
   * A leaf uses its Fisher on a step iff ``stats`` holds a :class:`LayerStats`
-    for it on that step; without ``stats`` (or with ``None`` at a leaf) the
-    fallback applies. On steps that do not refresh, the statistics passed
-    only decide which leaves use their Fisher; their values are ignored.
-  * Kernels are laid out ``(..., in, out)`` as Flax's are (``Dense``:
-    ``(in, out)``, the transpose of PyTorch's ``W[o, i]``; ``Conv``:
-    ``(kh, kw, in, out)``), so ``F̃ = outer(H, S)`` reshaped to the kernel.
+    for it on that step. On steps that do not refresh the values passed are
+    ignored (zeros from ``value_grad_and_stats(..., stats_due=False)`` are
+    fine); :func:`optax_soaa.stats_due` says which steps refresh.
+  * Kernel layouts: the optimizer state is laid out for Flax's
+    ``(..., in, out)`` kernels unless ``layouts`` says otherwise (Equinox's
+    ``(out, in)`` and ``(out, in, kh, kw)``, ``DenseGeneral`` with several
+    output axes, a scanned stack of layers): pass
+    ``layouts=optax_soaa.stats_layouts(...)``.
   * The first refresh is the first step (count 0), as the reference's
     ``steps % TCov == 0`` with ``steps`` starting at 0.
-  * Statistics are per layer vectors (``fan_in + out`` numbers per leaf), so
-    the state is Adam-like in memory: one params-sized momentum (two with
-    ``fallback="adam"``) plus those vectors.
-  * Normalisation layers (LayerNorm, BatchNorm) use the fallback: the
-    reference's formula collapses their input statistic to two numbers that
-    min-max normalisation maps to {{0, 1}}, and reduces over the axis at
-    position 1 (the sequence axis of a (B, T, D) input); we do not reproduce it.
+  * Statistics are per layer vectors, so the state is Adam-like in memory:
+    one params-sized momentum (two with ``fallback="adam"``) plus those
+    vectors.
 
-  Example::
+  Example (any JAX model; Flax Linen here)::
 
     import jax, optax, optax_soaa
-    from optax_soaa.flax import value_grad_and_stats
 
-    opt = optax_soaa.{name}(1e-3)
+    opt = optax_soaa.adafisher(1e-3)
     state = opt.init(params)
-    loss_grads_stats = value_grad_and_stats(
-        lambda p, x, y: loss_fn(model.apply({{"params": p}}, x), y))
+    loss_grads_stats = optax_soaa.value_grad_and_stats(
+        lambda p, x, y: loss_fn(model.apply({"params": p}, x), y))
 
     @jax.jit
     def step(params, state, x, y):
-      loss, grads, stats = loss_grads_stats(params, x, y)
-      updates, state = opt.update(grads, state, params, stats=stats)
+      loss, grads, extras = loss_grads_stats(
+          params, x, y, stats_due=optax_soaa.stats_due(state))
+      updates, state = opt.update(grads, state, params, **extras)
       return optax.apply_updates(params, updates), state, loss
 
   Args:
@@ -369,80 +493,90 @@ _DOC_COMMON = r"""
     new_weight: ``b``, the weight of new statistics, >= 0.
     damping: λ >= 0.
     stats_every: refresh period of the statistics (the reference's TCov).
-    weight_decay: {wd_doc}
-    fallback: ``"identity"`` or ``"adam"``; see :func:`scale_by_adafisher`.
+    weight_decay: wd >= 0, added to the gradient before the momentum (L2).
+    fallback: ``"identity"`` or ``"adam"``; see above.
     fallback_b2: second-moment decay of the ``"adam"`` fallback.
     fallback_eps: epsilon of the ``"adam"`` fallback.
     mu_dtype: optional dtype of the momentum.
     nu_dtype: optional dtype of the ``"adam"`` fallback's second moment.
     axis_name: see :func:`scale_by_adafisher`.
+    layouts: see :func:`scale_by_adafisher`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+    ``stats=`` (and ignores other extra arguments such as ``value=``).
+
+  References:
+    Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
+    Information <https://arxiv.org/abs/2504.20096>`_, ICLR 2025.
+  """
+  return _adafisher_chain(
+      learning_rate, b1, decay, new_weight, damping, stats_every, weight_decay,
+      decoupled=False, fallback=fallback, fallback_b2=fallback_b2,
+      fallback_eps=fallback_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      axis_name=axis_name, layouts=layouts)
+
+
+def adafisherw(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    decay: float = 0.08,
+    new_weight: float = 0.008,
+    damping: float = 1e-3,
+    stats_every: int = 100,
+    weight_decay: float = 0.0,
+    *,
+    fallback: str = "identity",
+    fallback_b2: float = 0.999,
+    fallback_eps: float = 1e-8,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+    axis_name: Optional[str] = None,
+    layouts: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaFisherW: AdaFisher with decoupled weight decay.
+
+  Everything but the weight decay is :func:`adafisher` (same statistics,
+  running averages, Fisher ``F̃`` and readings of the paper). At step ``t``::
+
+    m ← β m + (1-β) g
+    θ ← θ - α (m / (1-β^t) / F̃ + wd θ)
+
+  so the decay is scaled by α only, not by ``1 / F̃`` (the authors'
+  ``AdaFisherW``).
+
+  Example::
+
+    opt = optax_soaa.adafisherw(1e-3, weight_decay=1e-4)
+    loss, grads, extras = optax_soaa.value_grad_and_stats(loss_fn)(params, x, y)
+    updates, state = opt.update(grads, opt.init(params), params, **extras)
+
+  Args:
+    learning_rate: α, a float or an optax schedule.
+    b1: momentum decay β, in [0, 1).
+    decay: ``a``, the running-average decay of the statistics, >= 0.
+    new_weight: ``b``, the weight of new statistics, >= 0.
+    damping: λ >= 0.
+    stats_every: refresh period of the statistics (the reference's TCov).
+    weight_decay: wd >= 0, decoupled (scaled by α, not by F̃).
+    fallback: ``"identity"`` or ``"adam"``; see :func:`adafisher`.
+    fallback_b2: second-moment decay of the ``"adam"`` fallback.
+    fallback_eps: epsilon of the ``"adam"`` fallback.
+    mu_dtype: optional dtype of the momentum.
+    nu_dtype: optional dtype of the ``"adam"`` fallback's second moment.
+    axis_name: see :func:`scale_by_adafisher`.
+    layouts: see :func:`scale_by_adafisher`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
     ``stats=``.
-"""
 
-
-def _adafisher_chain(decoupled: bool):
-  """Builds the `adafisher` (L2 into the momentum) or `adafisherw` alias."""
-
-  def alias(
-      learning_rate: optax.ScalarOrSchedule = 1e-3,
-      b1: float = 0.9,
-      decay: float = 0.08,
-      new_weight: float = 0.008,
-      damping: float = 1e-3,
-      stats_every: int = 100,
-      weight_decay: float = 0.0,
-      *,
-      fallback: str = "identity",
-      fallback_b2: float = 0.999,
-      fallback_eps: float = 1e-8,
-      mu_dtype: Optional[Any] = None,
-      nu_dtype: Optional[Any] = None,
-      axis_name: Optional[str] = None,
-  ) -> optax.GradientTransformationExtraArgs:
-    utils.check_schedule_or_nonneg("learning_rate", learning_rate)
-    utils.check_range("weight_decay", weight_decay, lower=0.0)
-    decay_weights = optax.add_decayed_weights(weight_decay)
-    precondition = scale_by_adafisher(
-        b1=b1, decay=decay, new_weight=new_weight, damping=damping,
-        stats_every=stats_every, fallback=fallback, fallback_b2=fallback_b2,
-        fallback_eps=fallback_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-        axis_name=axis_name,
-    )
-    # AdaFisherW decays θ after preconditioning; AdaFisher adds wd θ to the
-    # gradient before the momentum.
-    stages = ((precondition, decay_weights) if decoupled
-              else (decay_weights, precondition))
-    return optax.chain(*stages, optax.scale_by_learning_rate(learning_rate))
-
-  return alias
-
-
-adafisher = _adafisher_chain(decoupled=False)
-adafisher.__name__ = adafisher.__qualname__ = "adafisher"
-adafisherw = _adafisher_chain(decoupled=True)
-adafisherw.__name__ = adafisherw.__qualname__ = "adafisherw"
-
-
-adafisher.__doc__ = "AdaFisher (weight decay coupled into the momentum).\n" + (
-    _DOC_COMMON.format(
-        name="adafisher",
-        equations=(
-            "    m ← β m + (1-β) (g + wd θ)\n"
-            "    θ ← θ - α / (1-β^t) · m / F̃"
-        ),
-        wd_doc="wd >= 0, added to the gradient before the momentum (L2).",
-    )
-)
-adafisherw.__doc__ = "AdaFisherW (decoupled weight decay).\n" + (
-    _DOC_COMMON.format(
-        name="adafisherw",
-        equations=(
-            "    m ← β m + (1-β) g\n"
-            "    θ ← θ - α (m / (1-β^t) / F̃ + wd θ)"
-        ),
-        wd_doc="wd >= 0, decoupled (scaled by α, not by F̃).",
-    )
-)
+  References:
+    Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
+    Information <https://arxiv.org/abs/2504.20096>`_, ICLR 2025.
+  """
+  return _adafisher_chain(
+      learning_rate, b1, decay, new_weight, damping, stats_every, weight_decay,
+      decoupled=True, fallback=fallback, fallback_b2=fallback_b2,
+      fallback_eps=fallback_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      axis_name=axis_name, layouts=layouts)

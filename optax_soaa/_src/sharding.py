@@ -9,8 +9,6 @@ so the layout is stated once, as ``out_shardings`` of the jitted ``init`` and of
 the train step.
 """
 
-from __future__ import annotations
-
 from typing import Any, Callable, Optional, Union
 
 import jax

@@ -1,18 +1,42 @@
-"""SOAA: Second-Order Adaptive Approximation (arXiv 2410.02293)."""
-
-from __future__ import annotations
+"""SOAA: SecondOrderAdaptiveAdam (arXiv 2410.02293)."""
 
 from typing import Any, Callable, NamedTuple, Optional, Union
+import warnings
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
-from optax_soaa._src import native
+from optax_soaa._src import passes
 from optax_soaa._src import utils
 
 CURVATURES = ("second_moment", "variance", "none")
+
+# Marks `reduction_chunk_size` as not given (None is one of its values).
+_UNSET = object()
+
+
+class MissingValueWarning(UserWarning):
+  """SOAA was updated without ``value=``: its trust region ``dt`` stays fixed.
+
+  Silence it where that is meant (SOAA as Adam with a fixed step factor)::
+
+    warnings.filterwarnings("ignore", category=optax_soaa.MissingValueWarning)
+  """
+
+
+def _check_value(value: Any) -> None:
+  """Raises a clear error for a `value=` that is not a scalar loss."""
+  if isinstance(value, (tuple, list)):
+    raise TypeError(
+        f"`value` must be the scalar loss, got a {type(value).__name__} of "
+        f"{len(value)} items. With jax.value_and_grad(loss_fn, has_aux=True), "
+        "pass value=loss from `(loss, aux), grads = ...`, not the pair.")
+  shape = jnp.shape(value)
+  if shape:
+    raise ValueError(
+        f"`value` must be the scalar loss at `params`, got shape {shape}; "
+        "reduce it (e.g. its mean over the batch) before passing it.")
 
 
 class SOAAState(NamedTuple):
@@ -34,6 +58,75 @@ class SOAAState(NamedTuple):
   skipped_values: jax.Array  # shape=(), int32: non-finite `value`s ignored.
 
 
+# The two passes of a step, per leaf (see `passes.run`). `v` is the
+# curvature state v (curvature="variance"), ŝ's state s again
+# ("second_moment"), or absent ("none": v̂ = 0).
+
+
+def _moments(g, m, s, *v, b1, b2, bc1, first, **_):
+  """Pass 1: m, s (and the centred variance v) after gradient g."""
+  m = (1 - b1) * g + b1 * m
+  s = (1 - b2) * jnp.square(g) + b2 * s
+  if not v:
+    return m, s
+  # In exact arithmetic g - m̂ = 0 at t = 1 (m̂ = g); computed, it is rounding
+  # noise that r would divide by its own sum, so the first step takes the
+  # exact value.
+  deviation = jnp.where(first, 0, g - m / bc1.astype(m.dtype))
+  return m, s, b2 * v[0] + (1 - b2) * jnp.square(deviation)
+
+
+def _moment_sums(g, m, s, *v, curvature, **_):
+  """Σ m² and Σ v (Σ s when v̂ = ŝ): the sums of r, unscaled."""
+  del g
+  if curvature == "none":
+    return (jnp.square(m),)
+  return jnp.square(m), (v[0] if v else s)
+
+
+def _direction(m, s, *v, inv_bc1, inv_bc2, dt, eps, fisher_scale, **_):
+  """Pass 2: g_adj = m̂ dt / (max(dt (1 + r) v̂, sqrt(ŝ)) + eps)."""
+  dtype = jnp.promote_types(m.dtype, s.dtype)
+  cast = lambda x: jnp.asarray(x).astype(dtype)
+  m_hat = m.astype(dtype) * cast(inv_bc1)
+  scale = jnp.sqrt(s.astype(dtype) * cast(inv_bc2))
+  if v:  # F = 0 for curvature="none": max(0, sqrt(ŝ)).
+    fisher = cast(fisher_scale) * (v[0].astype(dtype) * cast(inv_bc2))
+    scale = jnp.maximum(cast(dt) * fisher, scale)
+  return m_hat * cast(dt) / (scale + cast(eps))
+
+
+def _predicted_reduction_terms(m, s, *v, sum_dtype, curvature_weight,
+                               **scalars):
+  """(m̂ g_adj - ½ v̂ g_adj²) bc1, with g_adj recomputed (the returned
+  updates then keep a single consumer, and fuse into `apply_updates`).
+  m and v enter unscaled (`curvature_weight` = ½ bc1 / bc2): XLA then needs
+  no m̂ or v̂ array."""
+  u = _direction(m, s, *v, **scalars).astype(sum_dtype)
+  terms = m.astype(sum_dtype) * u
+  if v:
+    terms = terms - v[0].astype(sum_dtype) * jnp.square(u) * curvature_weight
+  return (terms,)
+
+
+def _chunk_size_option(chunk_size, reduction_chunk_size):
+  """`chunk_size`, or the deprecated `reduction_chunk_size` with a warning."""
+  if reduction_chunk_size is _UNSET:
+    return chunk_size
+  warnings.warn(
+      "`reduction_chunk_size` is deprecated and will be removed in the next "
+      "release; use `chunk_size` (the same option, under arturo's name).",
+      DeprecationWarning, stacklevel=3,
+  )
+  if not (isinstance(chunk_size, str) and chunk_size == "auto"):
+    raise ValueError(
+        "give `chunk_size` or the deprecated `reduction_chunk_size`, not "
+        "both."
+    )
+  passes.check_chunk_size("reduction_chunk_size", reduction_chunk_size)
+  return reduction_chunk_size
+
+
 def scale_by_soaa(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -46,14 +139,16 @@ def scale_by_soaa(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     axis_name: Optional[str] = None,
-    reduction_chunk_size: Union[int, str, None] = "auto",
+    chunk_size: Union[int, str, None] = "auto",
+    reduction_chunk_size: Any = _UNSET,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales gradients into SOAA's trust-region direction ``g_adj``.
 
   The returned updates are ``g_adj`` (to be scaled by ``-learning_rate``, as
-  :func:`optax.scale_by_adam`'s are); see :func:`soaa` for the equations. The
-  transform takes the learning rate because the predicted loss reduction that
-  drives ``dt`` is that of the step actually taken, ``-α g_adj``.
+  :func:`optax.scale_by_adam`'s are); see :func:`soaa` for the equations and
+  the readings of the paper. The transform takes the learning rate because
+  the predicted loss reduction that drives ``dt`` is that of the step
+  actually taken, ``-α g_adj``.
 
   Args:
     learning_rate: the step size α or an optax schedule (evaluated at the
@@ -72,25 +167,18 @@ def scale_by_soaa(
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are *split*; the global sums are then ``psum``-ed over it.
       Leave ``None`` for replicated data parallelism and for sharded ``jit``.
-    reduction_chunk_size: how the passes over memory run. ``"auto"``: on a
-      single CPU device, with the leaves and moments all float32 or all
-      float64, the two passes XLA cannot fuse there (the moments with the
-      sums of ``r``, and the predicted-reduction sum) run as fused,
-      multi-threaded kernels (``optax_soaa._src.native``: compiled at first
-      use, XLA otherwise); elsewhere on the CPU the predicted-reduction sum
-      runs in slices of 16384 elements (XLA would allocate a
-      parameter-sized temporary each step); on GPU/TPU and with several
-      devices, one fused sum (slicing sharded leaves would gather them). An
-      int: XLA, slices of that length; ``None``: XLA, one sum. The kernels
-      repeat the XLA path's arithmetic: results agree up to rounding (XLA
-      fuses some products into FMAs) and summation order. JAX
-      differentiates them as their ``jax.numpy`` restatements; they cannot
-      be serialised: to ``jax.export`` a step, pass ``None``.
+    chunk_size: how the passes over memory are laid out; the numbers do not
+      depend on it beyond summation order. ``"auto"`` (default): slices of
+      large leaves on a single CPU device, whole arrays elsewhere. A
+      positive int: slices of that many elements; ``None``: whole arrays.
+      An int must be a static arg of ``optax.inject_hyperparams``.
+    reduction_chunk_size: deprecated name of ``chunk_size``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes the
     loss at ``params`` as ``value=`` (optional) and ignores other extra args.
   """
+  chunk_size = _chunk_size_option(chunk_size, reduction_chunk_size)
   utils.check_schedule_or_nonneg("learning_rate", learning_rate)
   utils.check_range("b1", b1, lower=0.0, upper=1.0, upper_inclusive=False)
   utils.check_range("b2", b2, lower=0.0, upper=1.0, upper_inclusive=False)
@@ -101,12 +189,11 @@ def scale_by_soaa(
   utils.check_range("eps", eps, lower=0.0)
   utils.check_positive_int("total_steps", total_steps)
   utils.check_choice("curvature", curvature, CURVATURES)
-  mu_dtype = optax._src.utils.canonicalize_dtype(mu_dtype)  # pylint: disable=protected-access
-  nu_dtype = optax._src.utils.canonicalize_dtype(nu_dtype)  # pylint: disable=protected-access
-  utils.check_chunk_size("reduction_chunk_size", reduction_chunk_size)
+  mu_dtype = utils.canonicalize_dtype(mu_dtype)
+  nu_dtype = utils.canonicalize_dtype(nu_dtype)
+  passes.check_chunk_size("chunk_size", chunk_size)
   lr_fn = utils.as_schedule(learning_rate)
   use_variance = curvature == "variance"
-  use_fisher = curvature != "none"
 
   def init_fn(params):
     sdtype = utils.scalar_dtype(params)
@@ -136,123 +223,70 @@ def scale_by_soaa(
     if params is not None:
       utils.check_trees_match("updates", updates, "params", params)
     del params
-    grads = updates
     sdtype = state.dt.dtype
-    chunk_size = utils.resolve_chunk_size(reduction_chunk_size)
-    count_inc = numerics.safe_int32_increment(state.count)
+    chunk = passes.resolve_chunk_size(chunk_size)
+    count_inc = optax.safe_int32_increment(state.count)
     t = count_inc.astype(sdtype)
     lr = jnp.asarray(lr_fn(state.count), sdtype)
     b1_ = jnp.asarray(b1, sdtype)
-    b2_ = jnp.asarray(b2, sdtype)
     eps_ = jnp.asarray(eps, sdtype)
     bc1 = 1 - b1_**t
-    bc2 = 1 - b2_**t
+    bc2 = 1 - jnp.asarray(b2, sdtype)**t
 
-    # Pass 1: moments, and the two global sums of the Fisher ratio r. The
-    # bias corrections and eps come out of the sums as scalars
-    # (Σ m̂² = Σ m² / bc1², Σ (v̂ + eps) = Σ v / bc2 + n eps) so the sums read
-    # the new moments directly, with no full-size temporary.
-    def xla_moments():
-      mu = optax.tree.update_moment(grads, state.mu, b1, 1)
-      nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
-      if use_variance:
-        # In exact arithmetic g - m̂ = 0 at t = 1 (m̂ = g); computed, it is
-        # rounding noise that the ratio r then divides by its own sum, so the
-        # first step is set to the exact value. (Written through the previous
-        # moment instead, XLA would copy that donated buffer every step.)
-        first = count_inc == 1
+    # Pass 1: the moments and the sums of r. The bias corrections and eps
+    # come out of the sums as scalars (Σ m̂² = Σ m² / bc1²,
+    # Σ (v̂ + eps) = Σ v / bc2 + n eps).
+    old = (state.mu, state.nu) + ((state.curvature,) if use_variance else ())
+    moments = passes.run(
+        "soaa/moments", (updates,), old,
+        dict(b1=b1, b2=b2, bc1=bc1, first=count_inc == 1,
+             curvature=curvature),
+        update=_moments, terms=_moment_sums, sum_dtype=sdtype,
+        chunk_size=chunk, carried=(0,) if use_variance else (),
+        axis_name=axis_name,
+    )
+    mu, nu = moments.states[:2]
+    curv = moments.states[2] if use_variance else None
+    sum_m2 = moments.sums[0]
+    sum_v = moments.sums[1] if curvature != "none" else jnp.zeros([], sdtype)
+    sum_v = sum_v / bc2 + optax.tree.size(nu) * eps_
+    fisher_ratio = sum_m2 / jnp.square(bc1) / sum_v
 
-        def variance(g, m, v):
-          deviation = jnp.where(first, 0, g - m / bc1.astype(m.dtype))
-          return b2 * v + (1 - b2) * jnp.square(deviation)
-
-        curv = jax.tree.map(variance, grads, mu, state.curvature)
-        curv = optax.tree.cast_like(curv, state.curvature)
-      else:
-        curv = None
-      mu = optax.tree.cast(mu, mu_dtype)
-      nu = optax.tree.cast_like(nu, state.nu)
-      v_state = curv if use_variance else nu
-      sum_v = (utils.tree_sum(lambda v: v, v_state, dtype=sdtype) if use_fisher
-               else jnp.zeros([], sdtype))
-      return (mu, nu, curv, utils.tree_sum(jnp.square, mu, dtype=sdtype),
-              sum_v)
-
-    def native_moments():
-      # One fused pass per leaf (native.py): the moments in place, Σ m² and
-      # Σ v; the same arithmetic, summed in another order.
-      scalars = [1 - b1, b1, 1 - b2, b2, bc1, count_inc == 1]
-      if use_variance:
-        moments = jax.tree.map(
-            lambda g, m, s, v: native.soaa_moments(g, m, s, v, scalars),
-            grads, state.mu, state.nu, state.curvature)
-      else:
-        def without_v(g, m, s):
-          m, s, _, sums = native.soaa_moments(g, m, s, None, scalars)
-          return m, s, sums
-
-        moments = jax.tree.map(without_v, grads, state.mu, state.nu)
-      moments = jax.tree.transpose(
-          jax.tree.structure(grads),
-          jax.tree.structure((0,) * (4 if use_variance else 3)), moments)
-      mu, nu, sums = moments[0], moments[1], moments[-1]
-      curv = moments[2] if use_variance else None
-      sums = sum(jax.tree.leaves(sums), jnp.zeros([2], sdtype))
-      return mu, nu, curv, sums[0], sums[1]
-
-    # The fused CPU kernels where `reduction_chunk_size` is "auto" and every
-    # leaf and moment has one dtype, float32 or float64.
-    use_native = use_fisher and reduction_chunk_size == "auto" and native.usable(
-        *jax.tree.leaves((grads, state.mu, state.nu, state.curvature)))
-    mu, nu, curv, sum_m2, sum_v = (
-        native_moments() if use_native else xla_moments())
-    # v̂ per leaf: the variance, ŝ itself, or nothing (v̂ = 0) for "none".
-    v_state = curv if use_variance else (nu if use_fisher else None)
-    moments = (mu, nu) if v_state is None else (mu, nu, v_state)
-    sum_m2 = sum_m2 / jnp.square(bc1)
-    sum_v = sum_v / bc2 + utils.tree_size(nu) * eps_
-    if axis_name is not None:
-      sum_m2, sum_v = jax.lax.psum((sum_m2, sum_v), axis_name)
-    fisher_ratio = sum_m2 / sum_v
-
-    # Pass 2: the trust-region direction (dt of step t-1). m̂, ŝ, v̂ are
-    # formed inside each consumer (the direction, and the predicted-reduction
-    # sum), so XLA never materialises them.
+    # Pass 2: the direction g_adj (dt of step t-1) and, given a loss, the sum
+    # of the predicted reduction. m̂, ŝ, v̂ are formed inside each consumer,
+    # so XLA never materialises them.
+    v_state = {"variance": (curv,), "second_moment": (nu,), "none": ()}[
+        curvature]
     dt = state.dt
-    inv_bc1 = 1 / bc1
-    inv_bc2 = 1 / bc2
-
-    def direction(m, s, v=None):
-      dtype = jnp.promote_types(m.dtype, s.dtype)
-      m_hat = m.astype(dtype) * inv_bc1.astype(dtype)
-      s_hat = s.astype(dtype) * inv_bc2.astype(dtype)
-      scale = jnp.sqrt(s_hat)
-      if v is not None:  # F = 0 for curvature="none": max(0, sqrt(ŝ)).
-        v_hat = v.astype(dtype) * inv_bc2.astype(dtype)
-        fisher = (1 + fisher_ratio.astype(dtype)) * v_hat
-        scale = jnp.maximum(dt.astype(dtype) * fisher, scale)
-      return m_hat * dt.astype(dtype) / (scale + eps_.astype(dtype))
-
-    def predicted_reduction_terms(m, s, v=None):
-      # m̂·g_adj - ½ v̂·g_adj², recomputing g_adj so that the returned updates
-      # keep a single consumer (and fuse into `apply_updates`).
-      u = direction(m, s, v).astype(sdtype)
-      m_hat = m.astype(sdtype) * inv_bc1
-      if v is None:
-        return u * m_hat
-      v_hat = v.astype(sdtype) * inv_bc2
-      return u * (m_hat - 0.5 * v_hat * u)
-
-    g_adj = jax.tree.map(direction, *moments)
+    step_scalars = dict(
+        inv_bc1=1 / bc1, inv_bc2=1 / bc2, dt=dt, eps=eps_,
+        fisher_scale=1 + fisher_ratio, sum_dtype=sdtype,
+        curvature_weight=0.5 * bc1 / bc2,
+    )
+    with_loss = value is not None
+    if with_loss:
+      _check_value(value)
+    else:
+      warnings.warn(
+          "optax_soaa SOAA was updated without `value=`: its trust region "
+          "dt stays at its current value. Pass the loss at `params`: "
+          "tx.update(grads, state, params, value=loss). If a fixed dt is "
+          "what you want, silence this with warnings.filterwarnings("
+          "'ignore', category=optax_soaa.MissingValueWarning).",
+          MissingValueWarning, stacklevel=2)
+    step = passes.run(
+        "soaa/step", (mu, nu, *v_state), (), step_scalars,
+        output=_direction,
+        terms=_predicted_reduction_terms if with_loss else None,
+        sum_dtype=sdtype, chunk_size=chunk, axis_name=axis_name,
+    )
 
     loss_avg = state.loss_avg
     predicted_reduction = state.predicted_reduction
     trust_ratio = state.trust_ratio
     skipped_values = state.skipped_values
-    if value is not None:
+    if with_loss:
       loss = jnp.asarray(value).astype(sdtype)
-      if loss.shape:
-        raise ValueError(f"`value` must be a scalar loss, got shape {loss.shape}.")
       finite = jnp.isfinite(loss)
       new_loss_avg = b1_ * loss_avg + (1 - b1_) * loss
       # At t = 1 the bias-corrected average is the loss itself; computing it
@@ -260,28 +294,12 @@ def scale_by_soaa(
       # max(pr, eps) = eps, throws dt to its bound.
       loss_hat = jnp.where(count_inc == 1, loss, new_loss_avg / bc1)
       new_trust_ratio = (loss_hat - loss) / jnp.maximum(predicted_reduction, eps_)
-      exponent = (t - 1) / total_steps
+      exponent = (t - 1) / jnp.asarray(total_steps, sdtype)
       gamma_ = jnp.asarray(gamma, sdtype)
       lower = (1 - gamma_) ** exponent
       upper = 1 + gamma_**exponent
       new_dt = jnp.clip(new_trust_ratio * dt, lower, upper)
-      if use_native:
-        total = sum(
-            (native.soaa_predicted_reduction(
-                m, s, v, [inv_bc1, inv_bc2, 1 + fisher_ratio, dt, eps_],
-            ).astype(sdtype)
-             for m, s, v in zip(*map(jax.tree.leaves, (mu, nu, v_state)))),
-            jnp.zeros([], sdtype),
-        )
-      else:
-        total = utils.tree_sum(
-            predicted_reduction_terms, *moments, dtype=sdtype,
-            chunk_size=chunk_size,
-        )
-      # Both paths sum this device's leaves; the mapped axis is summed once.
-      if axis_name is not None:
-        total = jax.lax.psum(total, axis_name)
-      new_pr = lr * total
+      new_pr = lr * step.sums[0] / bc1
       keep = lambda new, old: jnp.where(finite, new, old)
       loss_avg = keep(new_loss_avg, loss_avg)
       dt = keep(new_dt, dt)
@@ -289,7 +307,6 @@ def scale_by_soaa(
       trust_ratio = keep(new_trust_ratio, trust_ratio)
       skipped_values = skipped_values + jnp.where(finite, 0, 1).astype(jnp.int32)
 
-    g_adj = optax.tree.cast_like(g_adj, grads)
     new_state = SOAAState(
         count=count_inc,
         mu=mu,
@@ -302,7 +319,7 @@ def scale_by_soaa(
         fisher_ratio=fisher_ratio,
         skipped_values=skipped_values,
     )
-    return g_adj, new_state
+    return optax.tree.cast_like(step.outputs, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -321,14 +338,17 @@ def soaa(
     nu_dtype: Optional[Any] = None,
     weight_decay_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     axis_name: Optional[str] = None,
-    reduction_chunk_size: Union[int, str, None] = "auto",
+    chunk_size: Union[int, str, None] = "auto",
+    reduction_chunk_size: Any = _UNSET,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""SOAA: Second-Order Adaptive Approximation.
+  r"""SOAA: Adam with a diagonal-Fisher step bound in an adaptive trust region.
 
-  From *"Second-Order Adaptive Approximation for Deep Learning"*-style
-  Algorithm 1 of arXiv 2410.02293 ("SOAA"), in the reading fixed by the
-  project's spec (``shared/specs/soaa.md``). At step ``t`` with gradients
-  ``g``, params ``θ`` and, optionally, the loss ``l`` at ``θ`` (``value=``)::
+  SOAA (SecondOrderAdaptiveAdam, Algorithm 1 of arXiv 2410.02293) keeps
+  Adam's moments, bounds each coordinate's step by a diagonal Fisher
+  estimate ``F``, and rescales the whole step by a trust-region multiplier
+  ``dt`` that follows the ratio of the observed to the predicted loss
+  reduction. At step ``t`` with gradients ``g``, params ``θ`` and,
+  optionally, the loss ``l`` at ``θ`` (``value=``)::
 
     m ← b1 m + (1-b1) g            s ← b2 s + (1-b2) g²
     m̂ = m / (1-b1^t)               ŝ = s / (1-b2^t)
@@ -364,6 +384,7 @@ def soaa(
     step in float32 and bfloat16 too, instead of rounding noise that ``r``
     would amplify.
   * ``dt``, ``pr`` and ``loss_avg`` are global scalars (one loss per model).
+    At ``t = 1``, ``l̂ = l`` exactly and ``pr = 0``, so ``dt = 1``.
   * Without ``value``, or with a non-finite one, ``dt``, ``pr`` and
     ``loss_avg`` keep their values (a non-finite loss is counted in
     ``skipped_values``). Moments still update. The bias correction of the loss
@@ -378,6 +399,10 @@ def soaa(
   :class:`SOAAState` (``dt``, ``predicted_reduction``, ``trust_ratio``,
   ``fisher_ratio``, ``skipped_values``); ``optax.tree.get(opt_state, "dt")``
   finds them through ``chain`` and ``inject_hyperparams``.
+
+  How the two passes over memory of a step run on each backend (and what
+  ``chunk_size`` changes) is described in the repository's
+  ``docs/internals.md``.
 
   Example::
 
@@ -410,18 +435,25 @@ def soaa(
     nu_dtype: optional dtype of the second moment and curvature.
     weight_decay_mask: optional mask (or function of params) for the decay.
     axis_name: see :func:`scale_by_soaa`.
-    reduction_chunk_size: see :func:`scale_by_soaa`.
+    chunk_size: see :func:`scale_by_soaa`.
+    reduction_chunk_size: deprecated name of ``chunk_size``.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs`.
+    An :class:`optax.GradientTransformationExtraArgs`: ``optax.chain`` of
+    :func:`scale_by_soaa`, ``optax.add_decayed_weights`` and
+    ``optax.scale_by_learning_rate`` (its state is their states' tuple).
+
+  References:
+    Vo and Vo, `Efficient Second-Order Neural Network Optimization via
+    Adaptive Trust Region Methods <https://arxiv.org/abs/2410.02293>`_, 2024.
   """
+  chunk_size = _chunk_size_option(chunk_size, reduction_chunk_size)
   utils.check_range("weight_decay", weight_decay, lower=0.0)
   return optax.chain(
       scale_by_soaa(
           learning_rate, b1=b1, b2=b2, gamma=gamma, eps=eps,
           total_steps=total_steps, curvature=curvature, mu_dtype=mu_dtype,
-          nu_dtype=nu_dtype, axis_name=axis_name,
-          reduction_chunk_size=reduction_chunk_size,
+          nu_dtype=nu_dtype, axis_name=axis_name, chunk_size=chunk_size,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),

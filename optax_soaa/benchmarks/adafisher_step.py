@@ -1,17 +1,27 @@
 """Times AdaFisher's full train step against the same step with `optax.adam`.
 
-    python -m optax_soaa.benchmarks.adafisher_step            # 21 pairs
-    python -m optax_soaa.benchmarks.adafisher_step --quick    # 15 pairs, fewer steps
+    python -m optax_soaa.benchmarks.adafisher_step            # 21 rounds of 10 steps
+    python -m optax_soaa.benchmarks.adafisher_step --quick    # 15 rounds of 3 steps
 
 The step is forward, backward, (for AdaFisher) the layer statistics from
-:func:`optax_soaa.flax.value_grad_and_stats`, `update` and `apply_updates`,
-jitted with params and state donated, on the Fashion-MNIST CNN of the arTuRO
-authors' protocol (three 3x3 convolutions 32/64/128 with ReLU, max-pooling
-after the first two, dropout 0.2, Dense 256 with dropout 0.5, Dense 10) at
-batch 255 on random 28x28x1 inputs. The two steps are timed interleaved in one
-process (pairs of timings, alternating order); the ratio printed is the median
-over pairs. Statistics are computed on every step (the helper does not know the
-optimizer's refresh period), so this is the worst case of ``stats_every``.
+:func:`optax_soaa.value_grad_and_stats`, ``update`` and ``apply_updates``,
+jitted with params and state donated, on two benchmark models:
+
+* ``fmnist-cnn``: :class:`optax_soaa.benchmarks.models.FashionCNN` (the
+  arTuRO authors' Fashion-MNIST CNN) at the task's batch 255 on random
+  28x28x1 inputs;
+* ``lm``: :class:`optax_soaa.benchmarks.models.TransformerLM` (width 128,
+  2 blocks, 4 heads, context 128; the full ``lm`` task's) at batch 32.
+
+Three steps per model: ``adam``; ``adafisher`` (``stats_every=100``, the
+default, statistics computed only on refresh steps through
+``stats_due=optax_soaa.stats_due(state)``); ``adafisher-every-step`` (the
+same optimizer with statistics computed on every step, what the Flax helper
+did before ``stats_due`` existed: the cost of a refresh step). The steps are
+timed interleaved in one process (rounds in rotating order); each ratio is
+the median over rounds of the AdaFisher time over Adam's. The ``adafisher``
+runner refreshes at its natural rate (on its 1st, 101st, 201st... step); the
+median over rounds is that of rounds without a refresh.
 """
 
 from __future__ import annotations
@@ -20,68 +30,87 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import platform
 import statistics
+import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import optax_soaa
-from optax_soaa.flax import value_grad_and_stats
+from optax_soaa.benchmarks import models
 
-BATCH = 255
-
-
-class FashionCNN(nn.Module):
-  """The CNN of the arTuRO authors' Fashion-MNIST experiments."""
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    x = nn.relu(nn.Conv(32, (3, 3))(x))
-    x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(nn.Conv(64, (3, 3))(x))
-    x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(nn.Conv(128, (3, 3))(x))
-    x = nn.Dropout(0.2, deterministic=not train)(x)
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(256)(x))
-    x = nn.Dropout(0.5, deterministic=not train)(x)
-    return nn.Dense(10)(x)
+STATS_EVERY = 100
 
 
-def build_steps():
-  model = FashionCNN()
-  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)["params"]
+def _cnn_task(rng):
+  batch = 255
+  model = models.FashionCNN()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
 
   def loss_fn(params, x, y, key):
     logits = model.apply({"params": params}, x, train=True, rngs={"dropout": key})
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+  def batch_fn():
+    return (jnp.asarray(rng.normal(size=(batch, 28, 28, 1)), jnp.float32),
+            jnp.asarray(rng.integers(0, 10, size=(batch,)), jnp.int32))
+
+  return dict(params=params, loss_fn=loss_fn, batch_fn=batch_fn,
+              describe="FashionCNN, batch 255")
+
+
+def _lm_task(rng):
+  batch, seq_len, vocab = 32, 128, 256
+  model = models.TransformerLM(vocab_size=vocab, width=128, num_layers=2,
+                               num_heads=4, max_len=seq_len)
+  params = model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+  def loss_fn(params, tokens, targets, key):
+    del key
+    logits = model.apply({"params": params}, tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  def batch_fn():
+    stream = rng.integers(0, vocab, size=(batch, seq_len + 1))
+    return (jnp.asarray(stream[:, :-1], jnp.int32), jnp.asarray(stream[:, 1:], jnp.int32))
+
+  return dict(params=params, loss_fn=loss_fn, batch_fn=batch_fn,
+              describe="TransformerLM width 128, 2 blocks, context 128, batch 32")
+
+
+TASKS = {"fmnist-cnn": _cnn_task, "lm": _lm_task}
+
+
+def build_steps(task):
+  params, loss_fn = task["params"], task["loss_fn"]
   adam = optax.adam(1e-3)
-  adafisher = optax_soaa.adafisher(1e-3)
-  with_stats = value_grad_and_stats(loss_fn)
+  adafisher = optax_soaa.adafisher(1e-3, stats_every=STATS_EVERY)
+  collect = optax_soaa.value_grad_and_stats(loss_fn)
 
   def adam_step(params, state, x, y, key):
     loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key)
     updates, state = adam.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  def adafisher_step(params, state, x, y, key):
-    loss, grads, stats = with_stats(params, x, y, key)
-    updates, state = adafisher.update(grads, state, params, stats=stats)
-    return optax.apply_updates(params, updates), state, loss
+  def adafisher_step(every_step):
+    def step(params, state, x, y, key):
+      due = True if every_step else optax_soaa.stats_due(state)
+      loss, grads, extras = collect(params, x, y, key, stats_due=due)
+      updates, state = adafisher.update(grads, state, params, **extras)
+      return optax.apply_updates(params, updates), state, loss
+    return step
 
   runners = {}
-  for name, opt, step in (("adam", adam, adam_step), ("adafisher", adafisher, adafisher_step)):
-    runners[name] = dict(
-        step=jax.jit(step, donate_argnums=(0, 1)),
-        carry=(jax.tree.map(jnp.copy, params), opt.init(params)),
-    )
+  for name, opt, step in (("adam", adam, adam_step),
+                          ("adafisher", adafisher, adafisher_step(False)),
+                          ("adafisher-every-step", adafisher, adafisher_step(True))):
+    state = opt.init(params)
+    runners[name] = dict(step=jax.jit(step, donate_argnums=(0, 1)),
+                         carry=(jax.tree.map(jnp.copy, params), state))
   return runners
 
 
@@ -95,46 +124,51 @@ def _time(runner, batches, key):
   return time.perf_counter() - start
 
 
-def run(pairs: int, steps: int, seed: int = 0):
+def run_task(name: str, rounds: int, steps: int, seed: int = 0):
   rng = np.random.default_rng(seed)
-  batches = [
-      (jnp.asarray(rng.normal(size=(BATCH, 28, 28, 1)), jnp.float32),
-       jnp.asarray(rng.integers(0, 10, size=(BATCH,)), jnp.int32))
-      for _ in range(steps)
-  ]
+  task = TASKS[name](rng)
+  batches = [task["batch_fn"]() for _ in range(steps)]
   key = jax.random.key(seed)
-  runners = build_steps()
+  runners = build_steps(task)
   for runner in runners.values():  # compile and warm up
     _time(runner, batches[:2], key)
-  times = {name: [] for name in runners}
-  ratios = []
-  for p in range(pairs):
-    order = ["adam", "adafisher"] if p % 2 == 0 else ["adafisher", "adam"]
-    pair = {name: _time(runners[name], batches, key) / steps for name in order}
-    for name, t in pair.items():
-      times[name].append(t)
-    ratios.append(pair["adafisher"] / pair["adam"])
+  names = list(runners)
+  times = {n: [] for n in names}
+  ratios = {n: [] for n in names if n != "adam"}
+  for r in range(rounds):
+    order = names[r % len(names):] + names[:r % len(names)]
+    t = {n: _time(runners[n], batches, key) / steps for n in order}
+    for n in names:
+      times[n].append(t[n])
+      if n != "adam":
+        ratios[n].append(t[n] / t["adam"])
   return {
-      "adam_ms": 1e3 * statistics.median(times["adam"]),
-      "adafisher_ms": 1e3 * statistics.median(times["adafisher"]),
-      "ratio_median": statistics.median(ratios),
-      "ratio_min": min(ratios),
-      "ratio_max": max(ratios),
-      "pairs": pairs,
-      "steps_per_timing": steps,
+      "model": task["describe"],
+      "ms": {n: 1e3 * statistics.median(v) for n, v in times.items()},
+      "ratio_to_adam": {n: statistics.median(v) for n, v in ratios.items()},
+      "ratio_range": {n: [min(v), max(v)] for n, v in ratios.items()},
   }
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="15 pairs of 3 steps")
-  parser.add_argument("--pairs", type=int, default=None)
+  parser.add_argument("--quick", action="store_true", help="15 rounds of 3 steps")
+  parser.add_argument("--rounds", type=int, default=None)
   parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--tasks", default="fmnist-cnn,lm")
   parser.add_argument("--json", default=None, help="also write the result here")
   args = parser.parse_args(argv)
-  pairs = args.pairs or (15 if args.quick else 21)
+  rounds = args.rounds or (15 if args.quick else 21)
   steps = args.steps or (3 if args.quick else 10)
-  result = run(pairs, steps)
+  result = {"stats_every": STATS_EVERY, "rounds": rounds, "steps_per_timing": steps,
+            "tasks": {}}
+  for name in args.tasks.split(","):
+    res = run_task(name, rounds, steps)
+    result["tasks"][name] = res
+    print(f"{name} ({res['model']}): adam {res['ms']['adam']:.1f} ms; "
+          + "; ".join(f"{n} {res['ms'][n]:.1f} ms = {r:.3f}x adam"
+                      for n, r in res["ratio_to_adam"].items())
+          + f" (median of {rounds} interleaved rounds)")
   result["device"] = str(jax.devices()[0].device_kind)
   result["machine"] = platform.processor() or platform.machine()
   result["cpu_cores"] = os.cpu_count()
@@ -143,13 +177,6 @@ def main(argv=None):
       datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
   result["command"] = "python -m optax_soaa.benchmarks.adafisher_step " + " ".join(
       argv if argv is not None else sys.argv[1:])
-  print(
-      f"Fashion-MNIST CNN train step, batch {BATCH}, {result['device']}: "
-      f"adam {result['adam_ms']:.1f} ms, adafisher {result['adafisher_ms']:.1f} ms; "
-      f"ratio adafisher/adam = {result['ratio_median']:.3f} "
-      f"(median of {pairs} interleaved pairs; range "
-      f"{result['ratio_min']:.3f}-{result['ratio_max']:.3f})"
-  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

@@ -6,18 +6,26 @@ every other hyperparameter fixed per task. The factory goes through
 ``optax.inject_hyperparams`` so that the swept value lives in the optimizer
 state and ``jax.vmap`` can train all sweep values in one compiled step.
 
-An optimizer whose API is missing from the installed ``optax_soaa`` (arTuRO and
-AdaFisher land in their own issues) is reported as unavailable, not a crash.
+An optimizer whose API is missing from the installed ``optax_soaa``, or an
+optional baseline that is not installed (kfac-jax), is reported as
+unavailable, not a crash. K-FAC is not an optax transformation: it runs
+through its own API (``kfac_baseline``), with the same swept learning rate.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import optax
 
 import optax_soaa
+from optax_soaa.benchmarks import kfac_baseline
+
+# SOAA's dt and the trust ratio that moved it: dt_t = clip(ratio_t dt_{t-1},
+# lower_t, upper_t), so a step whose dt differs from ratio_t dt_{t-1} was
+# clipped (see runner.clip_side).
+SOAA_STEP_DIAGNOSTICS = ("dt", "trust_ratio")
 
 # What a train step must pass to `update` besides grads, state and params.
 VALUE = "value"  # the loss at the current params (SOAA's trust region).
@@ -41,6 +49,11 @@ class OptimizerSpec:
   description: str = ""
   # None when usable, else why not.
   available: Callable[[], Optional[str]] = lambda: None
+  # Scalar state fields recorded after every step (optax.tree.get).
+  step_diagnostics: Tuple[str, ...] = ()
+  # "optax": a GradientTransformation from `build`; "kfac": kfac-jax's own
+  # Optimizer (see kfac_baseline), `build` unused.
+  kind: str = "optax"
 
   @property
   def swept(self) -> str:
@@ -111,6 +124,12 @@ def _arturo(hp, total_steps):
   return lambda kl_bound: optax_soaa.arturo(kl_bound, **hp.get("arturo", {}))
 
 
+def _kfac(hp, total_steps):
+  """Unused: kfac-jax owns its train step (see kfac_baseline)."""
+  del hp, total_steps
+  raise TypeError("kfac runs through kfac_baseline, not an optax factory")
+
+
 def _adafisher(name: str):
   def build(hp, total_steps):
     del total_steps
@@ -127,14 +146,16 @@ REGISTRY: Dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "soaa", "adam", _soaa("second_moment"), frozenset({VALUE}), "dt",
             "optax_soaa.soaa (default curvature='second_moment'), "
-            "value=loss"),
+            "value=loss", step_diagnostics=SOAA_STEP_DIAGNOSTICS),
         OptimizerSpec(
             "soaa-variance", "adam", _soaa("variance"), frozenset({VALUE}),
-            "dt", "optax_soaa.soaa(curvature='variance'), value=loss"),
+            "dt", "optax_soaa.soaa(curvature='variance'), value=loss",
+            step_diagnostics=SOAA_STEP_DIAGNOSTICS),
         OptimizerSpec(
             "arturo", "kl", _arturo, diagnostic="eta",
             description="optax_soaa.arturo; swept: kl_bound",
-            available=_needs("arturo")),
+            available=_needs("arturo"),
+            step_diagnostics=("eta", "bisection_steps")),
         OptimizerSpec(
             "adafisher", "adam", _adafisher("adafisher"), frozenset({STATS}),
             description="optax_soaa.adafisher, stats from optax_soaa.flax",
@@ -151,6 +172,12 @@ REGISTRY: Dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "sophia", "adam", _sophia, frozenset({OBJ_FN}),
             description="optax.contrib.sophia (Hutchinson), obj_fn=batch loss"),
+        OptimizerSpec(
+            "kfac", "adam", _kfac, diagnostic="damping",
+            description="kfac_jax.Optimizer (its own step; adaptive damping,"
+                        " momentum 0.9)",
+            available=kfac_baseline.unavailable_reason,
+            step_diagnostics=("damping",), kind="kfac"),
     )
 }
 

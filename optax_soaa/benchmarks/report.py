@@ -116,24 +116,29 @@ def _fmt_seconds(s):
   return f"{s:.3g}"
 
 
+def _value_cell(r: Dict[str, Any]) -> str:
+  return _fmt(r.get("best_value"), ".3g")
+
+
 def results_table(payload: Dict[str, Any]) -> str:
   """The Markdown table of one results payload (one task)."""
   task = payload["task"]
   lm = task["kind"] == "lm"
+  tuned = payload.get("mode") == "tuned"
   unit = "bpb" if lm else "loss"
   acc = "next-byte acc" if lm else "acc"
   multi_seed = len(payload.get("seeds", [0])) > 1
-  head = ["optimizer", "swept", "best value",
+  head = ["optimizer", "swept", "tuned value" if tuned else "best value",
           f"train {unit}", f"train {acc}", f"test {unit}", f"test {acc}"]
   if multi_seed:
     head.append(f"test {acc} mean ± sd (n={len(payload['seeds'])})")
   head += ["steps to target", "s to target", "step time ×Adam",
-           "state bytes ×Adam"]
+           "wall time (s)", "state bytes ×Adam"]
   rows = ["| " + " | ".join(head) + " |",
           "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
   notes = []
   for name, r in payload["optimizers"].items():
-    if r.get("status") != "ok":
+    if r.get("status") != "ok" or "final" not in r:
       cells = [name, r.get("swept", "—")] + ["—"] * (len(head) - 2)
       cells[2] = r.get("status", "?")
       notes.append(f"- `{name}`: {r.get('status')}: {r.get('reason')}")
@@ -141,56 +146,121 @@ def results_table(payload: Dict[str, Any]) -> str:
       continue
     f = r["final"]
     cells = [name, "kl_bound" if r["swept"] == "kl_bound" else "lr",
-             _fmt(r["best_value"], ".3g"),
+             _value_cell(r),
              _fmt(f["train_loss"]), _fmt(f["train_accuracy"]),
              _fmt(f["test_loss"]), _fmt(f["test_accuracy"])]
     if multi_seed:
-      cells.append(f"{r['test_accuracy_mean']:.4f} ± {r['test_accuracy_std']:.4f}")
+      n = len(r["curves"])
+      cells.append(f"{r['test_accuracy_mean']:.4f} ± {r['test_accuracy_std']:.4f}"
+                   + ("" if n == len(payload["seeds"]) else f" (n={n})"))
     cells += [_fmt(r.get("steps_to_target"), "d"),
               _fmt_seconds(r.get("seconds_to_target")),
               _fmt(r.get("step_time_ratio"), ".2f"),
+              _fmt(r.get("wall_s"), ".0f"),
               _fmt(r.get("state_bytes_ratio"), ".2f")]
     rows.append("| " + " | ".join(cells) + " |")
-    if r["best_index"] in (0, len(r["values"]) - 1):
+    if not tuned and r["best_index"] in (0, len(r["values"]) - 1):
       notes.append(f"- `{name}`: best value at the edge of the sweep"
                    f" ({_fmt(r['best_value'], '.3g')}); a wider sweep may do"
                    " better.")
+    if tuned and r.get("value_source"):
+      notes.append(f"- `{name}`: {r['swept']} {_fmt(r['best_value'], '.6g')}"
+                   f" from {r['value_source']}")
   target = payload.get("target_test_loss")
+  chosen = ("Each optimizer at its tuned value (below), mean over seeds." if
+            tuned else "Best value chosen by final"
+            f" {task['select_by'].replace('_', ' ')} (mean over seeds).")
   legend = (
-      f"Target = best-tuned Adam's final test {unit}"
+      f"Target = {'tuned' if tuned else 'best-tuned'} Adam's final test {unit}"
       f" ({_fmt(target)}); steps/seconds to target: first evaluation (every"
       f" {task['eval_every']} steps) at or below it, seconds = steps × the"
-      " optimizer's measured step time. Best value chosen by final"
-      f" {task['select_by'].replace('_', ' ')} (mean over seeds).")
+      " optimizer's measured step time. Wall time: this optimizer's whole"
+      " share of the run (step timing, compilation, training of every value"
+      f" and seed, evaluation). {chosen}")
   return "\n".join(rows) + "\n\n" + legend + (
       "\n\n" + "\n".join(notes) if notes else "") + "\n"
+
+
+def diagnostics_summary(payload: Dict[str, Any]) -> Optional[str]:
+  """One sentence, from the per-step records, on what the diagnostics show."""
+  ok = {n: r for n, r in payload["optimizers"].items()
+        if r.get("status") == "ok" and r.get("curves")}
+  parts = []
+  for name, r in ok.items():
+    b = r.get("dt_at_bounds")
+    if b:
+      parts.append(f"`{name}`'s dt sat at a clip bound on"
+                   f" {100 * b['either']:.0f} % of steps ({100 * b['lower']:.0f} %"
+                   f" at the lower, {100 * b['upper']:.0f} % at the upper)")
+  for name, r in ok.items():
+    steps = [np.asarray(c["per_step"]["bisection_steps"], np.float64)[
+        :, r["best_index"]] for c in r["curves"]
+             if "bisection_steps" in c.get("per_step", {})]
+    etas = [np.asarray(c["per_step"]["eta"], np.float64)[:, r["best_index"]]
+            for c in r["curves"] if "eta" in c.get("per_step", {})]
+    if steps and etas:
+      steps, etas = np.concatenate(steps), np.concatenate(etas)
+      half = etas[len(etas) // 2:] if len(etas) > 1 else etas
+      parts.append(f"`{name}` took {np.mean(steps):.2g} bisection steps per"
+                   f" step on average (none on {100 * np.mean(steps == 0):.0f} %"
+                   f" of steps), its eta spanning {np.min(etas):.2g} to"
+                   f" {np.max(etas):.2g} ({np.median(half):.2g} median over the"
+                   " second half of training)")
+  if not parts:
+    return None
+  where = (f"best value, all {len(payload['seeds'])} seed(s)"
+           if payload.get("mode") != "tuned" else
+           f"tuned value, all {len(payload['seeds'])} seed(s)")
+  return f"Per-step diagnostics ({where}): " + "; ".join(parts) + "."
 
 
 def markdown_report(payload: Dict[str, Any], heading_level: int = 2) -> str:
   env, task = payload["environment"], payload["task"]
   h = "#" * heading_level
-  sweep = ", ".join(f"{f:.3g}" for f in task["factors"])
+  tuned = payload.get("mode") == "tuned"
+  epochs = task.get("epochs")
+  length = f"steps: {task['num_steps']}" + (
+      f" ({epochs:.3g} epochs)" if epochs else "") + (
+          f", batch {task['batch_size']}")
+  if tuned:
+    mode = ("mode: **tuned** (each optimizer at its tuned value, no sweep;"
+            " sources under the table)")
+  else:
+    sweep = ", ".join(f"{f:.3g}" for f in task["factors"])
+    mode = (f"mode: **sweep**, factors {sweep} × centre (adam-scale"
+            f" {task['centers']['adam']:.3g}, sgd {task['centers']['sgd']:.3g},"
+            f" arTuRO kl_bound {task['centers']['kl']:.3g})")
   lines = [
       f"{h} {task['name']}",
       "",
       f"- command: `{env['command']}`",
+  ]
+  for later in payload.get("environments", [])[1:]:
+    lines.append(f"- resumed: `{later['command']}` ({later['date']}, commit"
+                 f" {later.get('git_commit') or 'unknown'})")
+  lines += [
       f"- date: {env['date']}; commit: {env.get('git_commit') or 'unknown'}",
       f"- machine: {env['machine']}; device: {env['device']}",
       f"- versions: python {env['python']}, jax {env['jax']}, optax"
       f" {env['optax']}, flax {env['flax']}",
-      f"- steps: {task['num_steps']} (batch {task['batch_size']}), seeds:"
-      f" {payload['seeds']}, sweep factors: {sweep} × centre"
-      f" (adam-scale {task['centers']['adam']:.3g}, sgd {task['centers']['sgd']:.3g},"
-      f" arTuRO kl_bound {task['centers']['kl']:.3g})",
+      f"- {mode}",
+      f"- {length}, seeds: {payload['seeds']}"
+      + (f", execution: {payload['execution']}" if payload.get("execution")
+         else ""),
       f"- wall time of the whole run: {payload.get('wall_s', 0):.0f} s",
   ]
   lines += [f"- {n}" for n in task.get("notes", [])]
   if not payload.get("complete", True):
-    done = list(payload["optimizers"])
-    missing = [o for o in payload.get("planned_optimizers", []) if o not in done]
+    done = [f"{o} (seeds {[c['seed'] for c in r.get('curves', [])]})"
+            for o, r in payload["optimizers"].items()]
+    missing = [o for o in payload.get("planned_optimizers", [])
+               if o not in payload["optimizers"]]
     lines.append(f"- **partial run** (interrupted): finished {', '.join(done)};"
-                 f" not run: {', '.join(missing)}")
+                 f" not run: {', '.join(missing) or 'none'}")
   lines += ["", results_table(payload)]
+  summary = diagnostics_summary(payload)
+  if summary:
+    lines += [summary, ""]
   return "\n".join(lines)
 
 
@@ -205,11 +275,23 @@ def _best_curves(r, key):
   return arr.mean(0)
 
 
-def _diag_curve(r):
-  i = r["best_index"]
+def _per_step(r, name):
+  """(steps 1..T, values) of a per-step diagnostic: best value, first seed."""
   c = r["curves"][0]
-  vals = [np.nan if d is None else d[i] for d in c["diagnostic"]]
-  return np.asarray(c["step"]), np.asarray(vals, np.float64)
+  if name not in c.get("per_step", {}):
+    return None
+  vals = np.asarray(c["per_step"][name], np.float64)[:, r["best_index"]]
+  return np.arange(1, len(vals) + 1), vals
+
+
+def _bound_fractions(r, key):
+  """Per evaluation interval, share of steps with dt at a bound (seed mean)."""
+  curves = [c for c in r["curves"] if key in c]
+  if not curves:
+    return None
+  i = r["best_index"]
+  frac = np.mean([np.asarray(c[key], np.float64)[:, i] for c in curves], 0)
+  return np.asarray(curves[0]["step"][1:], np.float64), frac
 
 
 def write_plots(payload: Dict[str, Any], out_dir: os.PathLike) -> List[str]:
@@ -219,7 +301,7 @@ def write_plots(payload: Dict[str, Any], out_dir: os.PathLike) -> List[str]:
 
   out_dir = pathlib.Path(out_dir)
   ok = {n: r for n, r in payload["optimizers"].items()
-        if r.get("status") == "ok"}
+        if r.get("status") == "ok" and r.get("curves")}
   lm = payload["task"]["kind"] == "lm"
   unit = "bits per byte" if lm else "cross-entropy"
   target = payload.get("target_test_loss")
@@ -257,28 +339,53 @@ def write_plots(payload: Dict[str, Any], out_dir: os.PathLike) -> List[str]:
   plt.close(fig)
   written.append(PLOT_FILES[0])
 
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  for ax, diag, title in ((axes[0], "dt", "SOAA trust-region multiplier dt"),
-                          (axes[1], "eta", "arTuRO dual variable eta")):
+  fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+  panels = (
+      (axes[0, 0], "dt", "SOAA dt after every step (best value, seed"
+       f" {payload['seeds'][0]})", "linear"),
+      (axes[1, 0], "eta", "arTuRO eta after every step", "log"),
+      (axes[1, 1], "bisection_steps", "arTuRO bisection steps per step",
+       "linear"),
+  )
+  for ax, diag, title, scale in panels:
     drawn = False
     for name, r in ok.items():
-      if r.get("diagnostic") != diag:
+      got = _per_step(r, diag)
+      if got is None or not np.isfinite(got[1]).any():
         continue
-      steps, vals = _diag_curve(r)
-      if np.isfinite(vals).any():
-        ax.plot(steps, vals, **styles[name], label=f"{name} (best value)")
-        drawn = True
+      ax.plot(*got, **styles[name], lw=0.8, alpha=0.8, label=name)
+      drawn = True
     if drawn:
       ax.legend(fontsize=8)
-      if diag == "eta":
-        ax.set_yscale("log")
+      ax.set_yscale(scale)
     else:
       ax.text(0.5, 0.5, "not run", ha="center", va="center",
               transform=ax.transAxes)
-    ax.set_xlabel("steps")
+    ax.set_xlabel("step")
     ax.set_ylabel(diag)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+  ax = axes[0, 1]
+  drawn = False
+  for name, r in ok.items():
+    for key, ls, side in (("dt_at_lower", "-", "lower"),
+                          ("dt_at_upper", "--", "upper")):
+      got = _bound_fractions(r, key)
+      if got is not None:
+        ax.plot(*got, color=styles[name]["color"], ls=ls, marker=".",
+                label=f"{name}: at {side} bound")
+        drawn = True
+  if drawn:
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+  else:
+    ax.text(0.5, 0.5, "not run", ha="center", va="center",
+            transform=ax.transAxes)
+  ax.set_xlabel("step (end of evaluation interval)")
+  ax.set_ylabel("share of the interval's steps")
+  ax.set_title("SOAA: steps with dt clipped to a bound, per evaluation"
+               " interval", fontsize=10)
+  ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(out_dir / PLOT_FILES[1], dpi=90)
   plt.close(fig)
@@ -313,7 +420,7 @@ PROTOCOL = """\
 
 This file is written by the benchmark tool (this protocol text included)
 from its results files; no number in it is typed by hand. The results files
-behind it (JSON, tables, plots) are committed under `results/bench/<task>/`
+behind it (JSON, tables, plots) are committed under `results/bench/<run>/`
 (a run writes to `bench_results/<task>/`; copy it there to publish it).
 Regenerate with
 
@@ -322,58 +429,102 @@ Regenerate with
 ## Protocol
 
 - **Tool.** `python -m optax_soaa.bench` (console script `optax-soaa-bench`).
-  Every run writes `results.json` (environment, command, all curves of every
-  sweep value and seed), `results.md` (the table below) and plots
-  (`curves.png`: train and test loss against steps and seconds;
-  `diagnostics.png`: SOAA's dt and arTuRO's eta; `sweep.png`: final metric
-  against the swept value) to `--out` (default `bench_results/<task>`).
+  Every run writes `results.json` (environment, command, every evaluation of
+  every value and seed, and per-step diagnostics), `results.md` (the table
+  below) and plots (`curves.png`: train and test loss against steps and
+  seconds; `diagnostics.png`: SOAA's dt after every step and the share of
+  steps it spent at each clip bound, arTuRO's eta and bisection steps after
+  every step; `sweep.png`: final metric against the swept value) to `--out`
+  (default `bench_results/<task>`). `results.json` is rewritten after every
+  optimizer and seed: a stopped run keeps everything that finished, and
+  `--resume` continues it, skipping what is done. Before training, the tool
+  times every optimizer's step and prints the run's expected wall time.
 - **Tasks.** `digits-mlp` (scikit-learn's embedded digits, the default),
   `fmnist-cnn` (the arTuRO paper's Fashion-MNIST CNN protocol, data from the
   Debian package `dataset-fashion-mnist`), `lm` (byte-level decoder-only
   transformer on the Python standard library's sources). No downloads.
-- **Optimizers.** SOAA (curvature `variance` and `second_moment`, loss passed
-  as `value=`), arTuRO, AdaFisher and AdaFisherW (layer statistics from
-  `optax_soaa.flax.value_grad_and_stats`, passed as `stats=`), and the
-  baselines `optax.adam`, `optax.adamw`, `optax.sgd` with momentum and
-  `optax.contrib.sophia` (Hutchinson Hessian estimate; the train step passes
-  `obj_fn`, the batch loss as a function of the params). An optimizer whose
-  API is missing from the installed package is listed as unavailable.
+  `--epochs N` sets a classification task's length in epochs of its training
+  set; `fmnist-cnn`'s step schedule drops at 1/2 and 3/4 of training, the
+  fractions of the paper's 120-epoch protocol (epochs 60 and 90).
+- **Optimizers.** SOAA (`soaa`: the default curvature `second_moment`;
+  `soaa-variance`; loss passed as `value=`), arTuRO, AdaFisher and
+  AdaFisherW (layer statistics from `optax_soaa.flax.value_grad_and_stats`,
+  passed as `stats=`), and the baselines `optax.adam`, `optax.adamw`,
+  `optax.sgd` with momentum, `optax.contrib.sophia` (Hutchinson Hessian
+  estimate; the train step passes `obj_fn`, the batch loss as a function of
+  the params) and K-FAC (`kfac`: kfac-jax's own `kfac_jax.Optimizer`, optional
+  extra `kfac`; the softmax cross-entropy registered with
+  `kfac_jax.register_softmax_cross_entropy_loss`; learning rate swept and
+  scheduled like the others, momentum {kfac_momentum}, adaptive damping from
+  {kfac_damping}, its {kfac_burnin}-step curvature burn-in on the run's first
+  {kfac_burnin} batches). An optimizer whose
+  API or package is missing, or that cannot run on the installed JAX, is
+  listed as unavailable with the reason.
   Fixed settings: library defaults except where a task names tuned values
   (`fmnist-cnn`: the arTuRO authors' tuned Adam, AdamW, SGD-momentum and
   arTuRO configurations); SOAA gets `total_steps` = the run's steps;
-  AdaFisher(W) refreshes its statistics every step (`stats_every=1`: the
-  train step computes them every step anyway), AdaFisherW uses AdamW's weight
-  decay; SGD's weight decay is coupled (L2), as in PyTorch.
-- **Sweep.** Each optimizer gets the same factors (≥ 4, log-spaced) times its
-  centre value: Adam's learning rate for every Adam-scale method (SOAA,
-  AdaFisher(W), Sophia, AdamW, Adam: literally the same values), SGD's own
-  learning rate for SGD, and for arTuRO the swept quantity is `kl_bound`
-  (around its tuned value), not a learning rate. Each optimizer is reported at
-  its best value (by the task's selection metric, mean over seeds), so no
-  method wins by a larger step.
-- **How the sweep runs.** The optimizer is wrapped in
-  `optax.inject_hyperparams`, so the swept value is part of its state; params
-  and state get a leading sweep axis and one `jax.vmap`-ed train step (inside
-  a `lax.scan` over the steps between evaluations) trains all sweep values at
-  once from the same initial params on the same batches. Each optimizer
-  compiles that function once; evaluation is compiled once per task.
+  AdaFisher(W) refreshes its curvature statistics every {stats_every} steps
+  on the classification tasks (the library default, the authors' TCov for
+  image classification) and every {lm_stats_every} steps on `lm` (the default
+  of the authors' language-model script), AdaFisherW uses AdamW's weight decay; SGD's weight
+  decay is coupled (L2), as in PyTorch.
+- **Two modes; each table below names its mode.** *Sweep*: each optimizer
+  gets the same factors (≥ 4, log-spaced) times its centre value: Adam's
+  learning rate for every Adam-scale method (SOAA, AdaFisher(W), Sophia,
+  AdamW, K-FAC, Adam: literally the same values), SGD's own learning rate for
+  SGD, and for arTuRO the swept quantity is `kl_bound` (around its tuned
+  value), not a learning rate; each optimizer is reported at its best value
+  (by the task's selection metric, mean over seeds), so no method wins by a
+  larger step. *Tuned* (`--tuned`): no sweep; each optimizer trains at one
+  value for every seed (mean ± sd over seeds): the published tuned
+  configuration where the task has one (`fmnist-cnn`: the arTuRO authors'
+  Adam, AdamW, SGD-momentum and arTuRO), else the value a sweep of the same
+  task picked (`--tuned-from` that sweep's `results.json`); the source of
+  every value is printed under the table.
+- **How the values train.** The optimizer is wrapped in
+  `optax.inject_hyperparams`, so the value, times the step schedule, is set
+  in its state every step. One function trains one value for one step; on a
+  GPU all values train together (`jax.vmap` of it inside a `lax.scan` over
+  the steps between evaluations), on the CPU one after another, one jitted
+  step per call (`--execution`), because XLA:CPU runs a vmapped convolution
+  several times slower per value, and a convolution inside a scan slower
+  still. All values and optimizers see the same initial params and the same
+  batches per seed.
 - **Measures.** Final train and test loss (bits per byte for `lm`) and
-  accuracy at the best value; steps and seconds until the test loss first
-  reaches the best-tuned Adam's final test loss (a dash when never); the
+  accuracy at the best (or tuned) value; steps and seconds until the test
+  loss first reaches Adam's final test loss (a dash when never); the
   train-step time (forward, backward, statistics, update; un-vmapped, params
-  and state donated) relative to Adam's, measured interleaved with Adam in one
-  process, median of the pairs' ratios; the optimizer state's bytes relative
-  to Adam's. Seconds on the plots' time axis are steps × that measured step
-  time, because the vmapped sweep shares its wall time among the values.
-  Adam's own ratio compares two separately compiled copies of the same step:
-  its distance from 1.00 is the timing noise of that run (large on a shared,
-  loaded machine).
+  and state donated) relative to Adam's, measured interleaved with Adam in
+  one process before training, median of the pairs' ratios; the wall time of
+  each optimizer's whole share of the run (timing, compilation, training of
+  every value and seed, evaluation); the optimizer state's bytes relative to
+  Adam's. Seconds on the plots' time axis are steps × that measured step
+  time. Adam's own ratio compares two separately compiled copies of the same
+  step: its distance from 1.00 is the timing noise of that run (large on a
+  shared, loaded machine).
 """
+
+
+def protocol_text() -> str:
+  """PROTOCOL with the settings filled in from the code that applies them."""
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  import optax_soaa  # pylint: disable=g-import-not-at-top
+  from optax_soaa.benchmarks import kfac_baseline  # pylint: disable=g-import-not-at-top
+  from optax_soaa.benchmarks import tasks  # pylint: disable=g-import-not-at-top
+
+  stats_every = inspect.signature(optax_soaa.adafisher).parameters[
+      "stats_every"].default
+  return PROTOCOL.format(
+      stats_every=stats_every, lm_stats_every=tasks.ADAFISHER_LM_STATS_EVERY,
+      kfac_momentum=kfac_baseline.SETTINGS["momentum"],
+      kfac_damping=f"{kfac_baseline.SETTINGS['initial_damping']:g}",
+      kfac_burnin=kfac_baseline.SETTINGS["num_burnin_steps"])
 
 
 def benchmarks_md(payloads: Sequence[Dict[str, Any]],
                   notes: Sequence[str] = ()) -> str:
-  parts = [PROTOCOL, "## Results\n"]
+  parts = [protocol_text(), "## Results\n"]
   if notes:
     parts.append("\n".join(f"- Note: {n}" for n in notes) + "\n")
   for p in payloads:

@@ -1,21 +1,36 @@
-"""Trains one optimizer on one task over its whole sweep, and times its step.
+"""Trains one optimizer on one task at each of its values, and times its step.
 
-The sweep technique: the optimizer is wrapped in ``optax.inject_hyperparams``
-so the swept value (learning rate or arTuRO's kl_bound) is part of the state;
-params and state get a leading "sweep" axis and one ``jax.vmap``-ed train step
-trains every sweep value at once, inside a ``lax.scan`` over `eval_every`
-steps. Each optimizer compiles that chunk once (plus one un-vmapped step for
-timing); evaluation is compiled once per task and shared. All sweep values
-and all optimizers see the same initial params and the same batches per seed.
+A "member" is one value of the swept hyperparameter (the learning rate, or
+arTuRO's kl_bound); the tuned mode has one member per optimizer, a sweep
+several. The optimizer is wrapped in ``optax.inject_hyperparams`` so the
+member's value, times the task's step schedule, is set in its state every
+step. One function, ``member_step``, trains one member for one step; two
+execution plans run it, and both feed the same recording code:
 
-Seconds on the time axis are steps x the optimizer's own measured step time
-(un-vmapped, one sweep value, median over the interleaved pairs), because the
-vmapped sweep shares its wall time between all values.
+* ``"vmap"``: params and state get a leading member axis; ``jax.vmap`` of the
+  step, inside a ``lax.scan`` over the steps between two evaluations, trains
+  every member at once (one compile; the right plan on a GPU).
+* ``"sequential"``: the members train one after another, one jitted step per
+  call. On XLA:CPU this is the fast plan: a vmapped convolution there runs
+  several times slower per member than the plain one (about 4x for the
+  Fashion-MNIST CNN at batch 255), and the same step inside a ``lax.scan``
+  (a while loop) tens of times slower.
+
+``"auto"`` picks ``sequential`` on the CPU and ``vmap`` elsewhere. K-FAC
+(kfac-jax's own optimizer, which compiles its own step) always runs
+sequentially. All members and optimizers see the same initial params and the
+same batches per seed.
+
+Every step records the training loss and the optimizer's per-step
+diagnostics (SOAA's ``dt`` and trust ratio, arTuRO's ``eta`` and bisection
+steps); evaluation runs every ``eval_every`` steps. Seconds on the time axis
+are steps x the optimizer's own step time, measured un-vmapped and
+interleaved with Adam's (median over pairs), before training starts, so the
+tool can print the expected wall time of the run.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import statistics
 import sys
@@ -28,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_soaa.benchmarks import kfac_baseline
 from optax_soaa.benchmarks import optimizers as opt_lib
 from optax_soaa.benchmarks.tasks import Task
 
@@ -36,12 +52,26 @@ try:
 except ImportError:  # pragma: no cover - tqdm is in the examples extra.
   tqdm = None
 
+EXECUTIONS = ("auto", "vmap", "sequential")
+CURVE_KEYS = ("step", "train_loss", "train_accuracy", "test_loss",
+              "test_accuracy", "batch_loss", "diagnostic")
+
 
 def tree_bytes(tree: Any) -> int:
   return sum(
       int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
       for x in jax.tree.leaves(tree) if hasattr(x, "dtype")
   )
+
+
+def resolve_execution(execution: str, backend: Optional[str] = None) -> str:
+  if execution not in EXECUTIONS:
+    raise ValueError(f"execution must be one of {EXECUTIONS}, got"
+                     f" {execution!r}")
+  if execution != "auto":
+    return execution
+  backend = backend or jax.default_backend()
+  return "sequential" if backend == "cpu" else "vmap"
 
 
 def make_grad_fn(spec: opt_lib.OptimizerSpec, loss_fn: Callable[..., Any]):
@@ -77,19 +107,157 @@ def _set_hyperparam(state, name, value):
       hyperparams={**state.hyperparams, name: jnp.asarray(value, old.dtype)})
 
 
-def _diagnostic(state, name: Optional[str]):
-  if name is None:
-    return None
-  try:
-    value = optax.tree.get(state, name)
-  except KeyError:
-    return None
-  return None if value is None else np.asarray(value, np.float64)
-
-
 def _finite_or_none(x):
   x = float(x)
   return x if math.isfinite(x) else None
+
+
+def _short(a: np.ndarray) -> List[Any]:
+  """Per-step values for JSON: 6 significant digits (they are plotted)."""
+  return [[float(f"{v:.6g}") for v in row] for row in np.asarray(a).tolist()]
+
+
+def clip_side(dt: np.ndarray, trust_ratio: np.ndarray,
+              dt0: float = 1.0) -> np.ndarray:
+  """Per step and member: -1 where SOAA clipped dt to its lower bound, +1 to
+  its upper bound, 0 where dt = trust_ratio x previous dt (unclipped).
+
+  SOAA sets ``dt_t = clip(ratio_t * dt_{t-1}, lower_t, upper_t)`` in the
+  scalar dtype; redoing the product in that dtype tells whether the clip
+  acted without restating the bounds. Arrays (steps, members).
+  """
+  dt = np.asarray(dt)
+  prev = np.concatenate([np.full_like(dt[:1], dt0), dt[:-1]], 0)
+  unclipped = (np.asarray(trust_ratio, dt.dtype) * prev).astype(dt.dtype)
+  side = np.zeros(dt.shape, np.int8)
+  side[unclipped < dt] = -1
+  side[unclipped > dt] = 1
+  return side
+
+
+# -- training plans -----------------------------------------------------------
+
+
+class _OptaxPlan:
+  """Trains members of one optax optimizer: vmapped, or one at a time."""
+
+  def __init__(self, task: Task, spec: opt_lib.OptimizerSpec, vmapped: bool):
+    self.vmapped = vmapped
+    injected, _ = opt_lib.make_injected(spec, task.hp, task.num_steps)
+    multiplier = task.schedule_multiplier(spec.scale)
+    grad_fn = make_grad_fn(spec, task.loss_fn)
+    swept, names = spec.swept, spec.step_diagnostics
+
+    def init_member(params, value):
+      return params, _set_hyperparam(injected.init(params), swept,
+                                     value * multiplier(0))
+
+    def member_step(params, opt_state, value, data, idx, step, key):
+      batch = task.get_batch(data, idx)
+      opt_state = _set_hyperparam(opt_state, swept, value * multiplier(step))
+      loss, grads, extra = grad_fn(params, batch, jax.random.fold_in(key, step))
+      updates, opt_state = injected.update(grads, opt_state, params, **extra)
+      diag = {n: optax.tree.get(opt_state, n) for n in names}
+      return optax.apply_updates(params, updates), opt_state, loss, diag
+
+    if vmapped:
+      self._init = jax.jit(jax.vmap(init_member))
+      step_all = jax.vmap(member_step, in_axes=(0, 0, 0, None, None, None,
+                                                None))
+
+      def interval(carry, values, data, idx, steps, key):
+        def body(carry, xs):
+          params, opt_state, loss, diag = step_all(*carry, values, data, *xs,
+                                                   key)
+          return (params, opt_state), (loss, diag)
+
+        return jax.lax.scan(body, carry, (idx, steps))
+
+      self._interval = jax.jit(interval, donate_argnums=(0,))
+    else:
+      self._init = jax.jit(init_member)
+      self._step = jax.jit(member_step, donate_argnums=(0, 1))
+
+  def init(self, params, values: np.ndarray):
+    if self.vmapped:
+      params = jax.tree.map(
+          lambda x: jnp.broadcast_to(x, (len(values),) + x.shape).copy(),
+          params)
+      return self._init(params, jnp.asarray(values))
+    (value,) = values
+    # A copy: the donated step must not consume the seed's initial params.
+    params = jax.tree.map(jnp.copy, params)
+    return self._init(params, jnp.asarray(value, jnp.float32))
+
+  def run(self, carry, values, data, idx: np.ndarray, steps: np.ndarray, key):
+    """Trains `len(steps)` steps; (carry, losses (k, m), {name: (k, m)})."""
+    if self.vmapped:
+      carry, (loss, diag) = self._interval(
+          carry, jnp.asarray(values), data, jnp.asarray(idx),
+          jnp.asarray(steps), key)
+      return carry, loss, diag
+    (value,) = values
+    value = jnp.asarray(value, jnp.float32)
+    params, opt_state = carry
+    losses, diags = [], []
+    for i, step in zip(idx, steps):
+      params, opt_state, loss, diag = self._step(
+          params, opt_state, value, data, i, np.int32(step), key)
+      losses.append(loss)
+      diags.append(diag)
+    stack = lambda *xs: jnp.stack(xs)[:, None]
+    return ((params, opt_state), stack(*losses),
+            jax.tree.map(stack, *diags) if diags[0] else {})
+
+  @staticmethod
+  def params(carry):
+    return carry[0]
+
+
+class _KfacPlan:
+  """Trains K-FAC members one at a time through kfac-jax's own step."""
+
+  vmapped = False
+
+  def __init__(self, task: Task, spec: opt_lib.OptimizerSpec):
+    self.task = task
+    # Host-side factors of the learning rate, one per step: kfac-jax takes
+    # the learning rate as an argument of every step.
+    self._multiplier = np.asarray(jax.vmap(task.schedule_multiplier(
+        spec.scale))(jnp.arange(task.num_steps)), np.float64)
+    self._opt, self._settings = kfac_baseline.make_optimizer(
+        task.train_logits, task.tokens_per_example, **task.hp.get("kfac", {}))
+    self.batch = jax.jit(task.get_batch)
+    self._first = None  # this seed's first batches, for the burn-in.
+
+  def start_seed(self, data, idx: np.ndarray):
+    n = self._settings["num_burnin_steps"]
+    self._first = [self.batch(data, i) for i in idx[: max(1, n)]]
+
+  def init(self, params, values: np.ndarray):
+    del values  # given to every step (`run`)
+    params = jax.tree.map(jnp.copy, params)
+    return kfac_baseline.Member(self._opt, self._settings, params,
+                                jax.random.key(0), self._first)
+
+  def run(self, member, values, data, idx, steps, key):
+    (value,) = values
+    losses, damping = [], []
+    for i, step in zip(idx, steps):
+      lr = value * self._multiplier[step]
+      loss, damp = member.step(self.batch(data, i), lr,
+                               jax.random.fold_in(key, step))
+      losses.append(loss)
+      damping.append(damp)
+    stack = lambda xs: jnp.stack(xs)[:, None]
+    return member, stack(losses), {"damping": stack(damping)}
+
+  @staticmethod
+  def params(member):
+    return member.params
+
+
+# -- the runner -----------------------------------------------------------------
 
 
 class TaskRunner:
@@ -97,66 +265,102 @@ class TaskRunner:
 
   def __init__(self, task: Task, seeds: Sequence[int] = (0,),
                timing_pairs: int = 15, timing_inner: int = 3,
-               min_sample_s: float = 0.05, progress: bool = True):
+               min_sample_s: float = 0.05, progress: bool = True,
+               execution: str = "auto"):
     self.task = task
     self.seeds = tuple(seeds)
     self.timing_pairs = timing_pairs
     self.timing_inner = timing_inner
     self.min_sample_s = min_sample_s
     self.progress = progress and tqdm is not None
+    self.execution = resolve_execution(execution)
     self.loss_scale = 1.0 / math.log(2.0) if task.kind == "lm" else 1.0
     self.data = task.device_data()
-    self.eval_sets = {k: self._pad_eval(*v) for k, v in task.eval_sets.items()}
-    self._evaluate = jax.jit(jax.vmap(self._eval_one, in_axes=(0, None)))
+    self.eval_sets = {k: self._chunk_eval(*v) for k, v in task.eval_sets.items()}
+    self._eval_chunk = jax.jit(self._eval_one_chunk)
+    self._eval_chunk_members = jax.jit(
+        jax.vmap(self._eval_one_chunk, in_axes=(0, None, None, None)))
     self._init = jax.jit(task.init_params)
-    self._timing_batch = task.get_batch(
-        self.data, jnp.asarray(task.sampler(10_000).take(1)[0]))
-    self._adam = None  # (step fn, [params, state]) for interleaved timing.
+    self._timing_idx = task.sampler(10_000).take(1)[0]
+    self._adam = None  # (step runner) for interleaved timing.
+    self.eval_s = None  # measured seconds of one evaluation of one member.
 
   # -- evaluation -----------------------------------------------------------
 
-  def _pad_eval(self, x, y):
+  def _chunk_eval(self, x, y):
+    """Device chunks (x, y, weight) of an evaluation set, and its count.
+
+    Evaluation is a Python loop over jitted chunks: on XLA:CPU a
+    convolution inside a scan runs far slower than the same one alone.
+    """
     n, chunk = x.shape[0], min(self.task.eval_chunk, x.shape[0])
     chunks = math.ceil(n / chunk)
     pad = chunks * chunk - n
     w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
     y = np.concatenate([y, np.repeat(y[:1], pad, 0)])
-    shape = lambda a: a.reshape((chunks, chunk) + a.shape[1:])
-    return (jnp.asarray(shape(x)), jnp.asarray(shape(y)), jnp.asarray(shape(w)),
-            n * self.task.tokens_per_example)
+    parts = [tuple(jnp.asarray(a[i * chunk:(i + 1) * chunk]) for a in (x, y, w))
+             for i in range(chunks)]
+    return parts, n * self.task.tokens_per_example
 
-  def _eval_one(self, params, batches):
-    def body(acc, xs):
-      x, y, w = xs
-      loss, correct = self.task.example_metrics(params, x, y)
-      return (acc[0] + jnp.sum(loss * w), acc[1] + jnp.sum(correct * w)), None
+  def _eval_one_chunk(self, params, x, y, w):
+    loss, correct = self.task.example_metrics(params, x, y)
+    return jnp.sum(loss * w), jnp.sum(correct * w)
 
-    zero = jnp.zeros([], jnp.float32)
-    (loss, correct), _ = jax.lax.scan(body, (zero, zero), batches)
-    return loss, correct
-
-  def evaluate(self, params_stack) -> Dict[str, np.ndarray]:
+  def evaluate(self, params, stacked: bool) -> Dict[str, np.ndarray]:
+    """Metrics of params (a member stack when `stacked`), shape (members,)."""
+    fn = self._eval_chunk_members if stacked else self._eval_chunk
     out = {}
-    for name, (x, y, w, count) in self.eval_sets.items():
-      loss, correct = jax.device_get(self._evaluate(params_stack, (x, y, w)))
-      out[f"{name}_loss"] = np.asarray(loss, np.float64) / count * self.loss_scale
-      out[f"{name}_accuracy"] = np.asarray(correct, np.float64) / count
+    for name, (parts, count) in self.eval_sets.items():
+      loss = correct = 0.0
+      for x, y, w in parts:
+        l, c = fn(params, x, y, w)
+        loss, correct = loss + l, correct + c
+      loss, correct = jax.device_get((loss, correct))
+      out[f"{name}_loss"] = np.atleast_1d(
+          np.asarray(loss, np.float64)) / count * self.loss_scale
+      out[f"{name}_accuracy"] = np.atleast_1d(
+          np.asarray(correct, np.float64)) / count
     return out
 
   # -- one optimizer --------------------------------------------------------
 
-  def run(self, spec: opt_lib.OptimizerSpec) -> Dict[str, Any]:
-    result: Dict[str, Any] = dict(
-        name=spec.name, description=spec.description, swept=spec.swept,
-        scale=spec.scale, extra_args=sorted(spec.extra_args),
-        diagnostic=spec.diagnostic)
+  def describe_spec(self, spec: opt_lib.OptimizerSpec) -> Dict[str, Any]:
+    return dict(name=spec.name, description=spec.description,
+                swept=spec.swept, scale=spec.scale,
+                extra_args=sorted(spec.extra_args),
+                diagnostic=spec.diagnostic,
+                step_diagnostics=list(spec.step_diagnostics))
+
+  def values(self, spec: opt_lib.OptimizerSpec) -> np.ndarray:
+    center = self.task.centers[spec.scale]
+    return np.asarray([center * f for f in self.task.factors], np.float32)
+
+  def plan(self, spec: opt_lib.OptimizerSpec):
+    if spec.kind == "kfac":
+      return _KfacPlan(self.task, spec)
+    return _OptaxPlan(self.task, spec, vmapped=self.execution == "vmap")
+
+  def run(self, spec: opt_lib.OptimizerSpec,
+          values: Optional[Sequence[float]] = None,
+          previous: Optional[Dict[str, Any]] = None,
+          on_seed: Optional[Callable[[Dict[str, Any]], None]] = None,
+          timing: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Trains `spec` at `values` (default: the task's sweep) for every seed.
+
+    `previous`: this optimizer's result from an interrupted run of the same
+    configuration; its finished seeds are kept and not trained again.
+    `on_seed(result)` is called after each seed (to write it to disk).
+    `timing`: this optimizer's `time_step` result, when already measured.
+    """
+    result: Dict[str, Any] = dict(self.describe_spec(spec))
     reason = spec.available()
     if reason:
       result.update(status="unavailable", reason=reason)
       return result
     try:
-      result.update(self._run(spec))
+      result.update(self._run(spec, values, previous, result, on_seed,
+                              timing))
       result["status"] = "ok"
     except Exception as e:  # pylint: disable=broad-except
       # One optimizer failing must not lose the others' results.
@@ -167,148 +371,187 @@ class TaskRunner:
             file=sys.stderr)
     return result
 
-  def _run(self, spec: opt_lib.OptimizerSpec) -> Dict[str, Any]:
+  def _run(self, spec, values, previous, result, on_seed,
+           timing) -> Dict[str, Any]:
     task = self.task
-    injected, factory = opt_lib.make_injected(spec, task.hp, task.num_steps)
     center = task.centers[spec.scale]
-    values = np.asarray([center * f for f in task.factors], np.float32)
-    base = jnp.asarray(values)
-    multiplier = task.schedule_multiplier(spec.scale)
-    grad_fn = make_grad_fn(spec, task.loss_fn)
-    swept = spec.swept
-
-    def init_members(params, base):
-      def one(p, b):
-        return _set_hyperparam(injected.init(p), swept, b * multiplier(0))
-      return jax.vmap(one)(params, base)
-
-    def chunk(carry, data, idx, steps, base, key):
-      def body(carry, xs):
-        params, opt_state = carry
-        idx_t, step = xs
-        batch = task.get_batch(data, idx_t)
-        rng = jax.random.fold_in(key, step)
-        mult = multiplier(step)
-
-        def one(p, s, b):
-          s = _set_hyperparam(s, swept, b * mult)
-          loss, grads, extra = grad_fn(p, batch, rng)
-          updates, s = injected.update(grads, s, p, **extra)
-          return optax.apply_updates(p, updates), s, loss
-
-        params, opt_state, loss = jax.vmap(one)(params, opt_state, base)
-        return (params, opt_state), loss
-
-      return jax.lax.scan(body, carry, (idx, steps))
-
-    init_members = jax.jit(init_members)
-    chunk = jax.jit(chunk, donate_argnums=(0,))
-    n_chunks = task.num_steps // task.eval_every
-
-    seed_curves = []
-    sweep_wall, compile_s = 0.0, None
+    values = np.asarray(self.values(spec) if values is None else values,
+                        np.float32)
+    result.update(
+        values=values.tolist(),
+        factors=[float(v) / center for v in values], center=center,
+        hp=task.hp.get(spec.name.split("-")[0], {}),
+        execution="sequential" if spec.kind == "kfac" else self.execution)
+    previous = previous or {}
+    seed_runs = [c for c in previous.get("curves", [])
+                 if c["seed"] in self.seeds]
+    result.update(curves=seed_runs, seeds=[c["seed"] for c in seed_runs])
+    timing = timing or previous.get("timing") or self.time_step(spec)
+    result.update(timing=timing, **timing)
+    plan = self.plan(spec)
+    todo = [s for s in self.seeds if s not in result["seeds"]]
     bar = None
-    if self.progress:
-      bar = tqdm(total=task.num_steps * len(self.seeds), desc=spec.name,
-                 leave=True, file=sys.stderr, dynamic_ncols=True)
-    for seed in self.seeds:
-      key = jax.random.key(seed)
-      params0 = self._init(key)
-      n = len(values)
-      params = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape).copy(),
-                            params0)
-      opt_state = init_members(params, base)
-      sampler = task.sampler(seed)
-      dropout_key = jax.random.fold_in(key, 1)
-      curves = {k: [] for k in ("step", "train_loss", "train_accuracy",
-                                "test_loss", "test_accuracy", "batch_loss",
-                                "diagnostic")}
-
-      def record(step, batch_loss=None):
-        ev = self.evaluate(params)
-        curves["step"].append(step)
-        for k, v in ev.items():
-          curves[k].append(v.tolist())
-        curves["batch_loss"].append(
-            None if batch_loss is None else batch_loss.tolist())
-        diag = _diagnostic(opt_state, spec.diagnostic)
-        curves["diagnostic"].append(None if diag is None else
-                                    np.ravel(diag).tolist())
-        return ev
-
-      record(0)
-      for c in range(n_chunks):
-        idx = jnp.asarray(sampler.take(task.eval_every))
-        start = c * task.eval_every
-        steps = jnp.arange(start, start + task.eval_every, dtype=jnp.int32)
-        t0 = time.perf_counter()
-        (params, opt_state), losses = chunk(
-            (params, opt_state), self.data, idx, steps, base, dropout_key)
-        losses = np.asarray(jax.device_get(losses), np.float64)
-        dt = time.perf_counter() - t0
-        if compile_s is None:
-          compile_s = dt
-        else:
-          sweep_wall += dt
-        ev = record(start + task.eval_every,
-                    losses.mean(0) * self.loss_scale)
-        if bar is not None:
-          bar.update(task.eval_every)
-          bar.set_postfix(seed=seed, best_test_loss=f"{np.nanmin(ev['test_loss']):.4g}")
-      seed_curves.append(dict(seed=seed, **curves))
+    if self.progress and todo:
+      bar = tqdm(total=task.num_steps * len(values) * len(todo),
+                 desc=spec.name, leave=True, file=sys.stderr,
+                 dynamic_ncols=True)
+    for seed in todo:
+      t0 = time.perf_counter()
+      curves = self._train_seed(plan, spec, values, seed, bar)
+      curves["wall_s"] = time.perf_counter() - t0
+      seed_runs.append(curves)
+      result["seeds"] = [c["seed"] for c in seed_runs]
+      result["wall_s"] = timing["timing_wall_s"] + sum(
+          c["wall_s"] for c in seed_runs)
+      if on_seed is not None:
+        on_seed(dict(result, status="ok"))
     if bar is not None:
       bar.close()
+    result["wall_s"] = timing["timing_wall_s"] + sum(
+        c["wall_s"] for c in seed_runs)
+    return result
 
-    # Un-vmapped single step at the sweep centre: speed and state size.
-    plain = factory(center)
-    timing = self._time_against_adam(plain, grad_fn)
-    params_one = self._init(jax.random.key(0))
-    state_bytes = tree_bytes(plain.init(params_one))
+  def _train_seed(self, plan, spec, values, seed, bar) -> Dict[str, Any]:
+    task = self.task
+    key = jax.random.key(seed)
+    params0 = self._init(key)
+    dropout_key = jax.random.fold_in(key, 1)
+    idx = task.sampler(seed).take(task.num_steps)
+    if isinstance(plan, _KfacPlan):
+      plan.start_seed(self.data, idx)
+    groups = ([list(range(len(values)))] if plan.vmapped
+              else [[i] for i in range(len(values))])
+    n_chunks = task.num_steps // task.eval_every
+    names = tuple(spec.step_diagnostics)
+    evals: List[List[Dict[str, np.ndarray]]] = [[] for _ in range(n_chunks + 1)]
+    batch_loss = np.full((n_chunks, len(values)), np.nan)
+    per_step = {n: np.zeros((task.num_steps, len(values)), np.float32)
+                for n in names}
+    interval_s, first_interval_s = [], None
+    for members in groups:
+      carry = plan.init(params0, values[members])
+      evals[0].append(self._evaluate_timed(plan, carry))
+      for c in range(n_chunks):
+        start = c * task.eval_every
+        steps = np.arange(start, start + task.eval_every, dtype=np.int32)
+        t0 = time.perf_counter()
+        carry, losses, diag = plan.run(carry, values[members], self.data,
+                                       idx[steps], steps, dropout_key)
+        losses, diag = jax.device_get((losses, diag))
+        seconds = time.perf_counter() - t0
+        if c:  # the first interval includes compilation.
+          interval_s.append(seconds / (task.eval_every * len(members)))
+        elif first_interval_s is None:
+          first_interval_s = seconds
+        batch_loss[c, members] = np.mean(np.asarray(losses, np.float64), 0)
+        for n in names:
+          per_step[n][steps[:, None], members] = np.asarray(diag[n])
+        evals[c + 1].append(self._evaluate_timed(plan, carry))
+        if bar is not None:
+          bar.update(task.eval_every * len(members))
+          bar.set_postfix(seed=seed)
+    curves = self._curves(seed, spec, evals, batch_loss, per_step, interval_s)
+    # With the median step above: this seed's compilation and warm-up.
+    curves["first_interval_s"] = first_interval_s
+    return curves
 
-    return dict(
-        values=values.tolist(), factors=list(task.factors), center=center,
-        hp=task.hp.get(spec.name.split("-")[0], {}),
-        seeds=list(self.seeds), curves=seed_curves,
-        compile_and_first_chunk_s=compile_s,
-        sweep_wall_s=sweep_wall,
-        state_bytes=state_bytes, **timing)
+  def _evaluate_timed(self, plan, carry):
+    t0 = time.perf_counter()
+    ev = self.evaluate(plan.params(carry), stacked=plan.vmapped)
+    dt = (time.perf_counter() - t0) / len(next(iter(ev.values())))
+    self.eval_s = dt if self.eval_s is None else min(self.eval_s, dt)
+    return ev
+
+  def _curves(self, seed, spec, evals, batch_loss, per_step, interval_s):
+    task = self.task
+    join = lambda parts, k: np.concatenate([p[k] for p in parts])
+    curves: Dict[str, Any] = dict(
+        seed=seed, step=list(range(0, task.num_steps + 1, task.eval_every)))
+    for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+      curves[k] = [join(parts, k).tolist() for parts in evals]
+    curves["batch_loss"] = [None] + (batch_loss * self.loss_scale).tolist()
+    # The diagnostic after the last step before each evaluation (none
+    # before training).
+    diag = per_step.get(spec.diagnostic)
+    curves["diagnostic"] = [None] + [
+        None if diag is None else diag[s - 1].tolist()
+        for s in curves["step"][1:]]
+    curves["per_step"] = {n: _short(v) for n, v in per_step.items()}
+    if "dt" in per_step and "trust_ratio" in per_step:
+      side = clip_side(per_step["dt"], per_step["trust_ratio"])
+      k = task.eval_every
+      intervals = side.reshape(-1, k, side.shape[1])
+      curves["dt_at_lower"] = (intervals == -1).mean(1).tolist()
+      curves["dt_at_upper"] = (intervals == 1).mean(1).tolist()
+    curves["measured_step_s"] = (statistics.median(interval_s)
+                                 if interval_s else None)
+    return curves
 
   # -- step timing ----------------------------------------------------------
 
-  def _make_step(self, tx, grad_fn):
+  def _optax_stepper(self, tx, grad_fn):
     def step(params, opt_state, batch, rng):
       loss, grads, extra = grad_fn(params, batch, rng)
       updates, opt_state = tx.update(grads, opt_state, params, **extra)
       return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1))
-
-  def _prepared(self, tx, grad_fn):
-    step = self._make_step(tx, grad_fn)
+    step = jax.jit(step, donate_argnums=(0, 1))
     params = self._init(jax.random.key(0))
     holder = [params, tx.init(params)]
+    batch = self.task.get_batch(self.data, jnp.asarray(self._timing_idx))
     rng = jax.random.key(7)
 
     def run(n):
       t0 = time.perf_counter()
       loss = None
       for _ in range(n):
-        holder[0], holder[1], loss = step(holder[0], holder[1],
-                                          self._timing_batch, rng)
+        holder[0], holder[1], loss = step(holder[0], holder[1], batch, rng)
       jax.block_until_ready((holder[0], loss))
       return (time.perf_counter() - t0) / n
 
-    run(2)  # compile and warm up
-    return run
+    return run, lambda: tree_bytes(holder[1])
 
-  def _time_against_adam(self, tx, grad_fn) -> Dict[str, Any]:
+  def _kfac_stepper(self, spec):
+    plan = _KfacPlan(self.task, spec)
+    idx = self.task.sampler(10_000).take(
+        kfac_baseline.SETTINGS["num_burnin_steps"])
+    plan.start_seed(self.data, idx)
+    member = plan.init(self._init(jax.random.key(0)), [self.task.centers[
+        spec.scale]])
+    batch = plan.batch(self.data, idx[0])
+    lr = self.task.centers[spec.scale]
+    key = jax.random.key(7)
+
+    def run(n):
+      t0 = time.perf_counter()
+      loss = None
+      for _ in range(n):
+        loss, _ = member.step(batch, lr, key)
+      jax.block_until_ready((member.params, loss))
+      return (time.perf_counter() - t0) / n
+
+    return run, lambda: tree_bytes(member.state)
+
+  def stepper(self, spec):
+    """(run(n) -> seconds per step, state bytes) of `spec` at its centre."""
+    if spec.kind == "kfac":
+      run, nbytes = self._kfac_stepper(spec)
+    else:
+      tx = spec.build(self.task.hp, self.task.num_steps)(
+          self.task.centers[spec.scale])
+      run, nbytes = self._optax_stepper(tx, make_grad_fn(spec,
+                                                         self.task.loss_fn))
+    run(2)  # compile and warm up
+    return run, nbytes()
+
+  def time_step(self, spec: opt_lib.OptimizerSpec) -> Dict[str, Any]:
+    """The un-vmapped train step's time, interleaved with Adam's."""
+    t_start = time.perf_counter()
     if self._adam is None:
-      adam_spec = opt_lib.REGISTRY["adam"]
-      adam_tx = adam_spec.build(self.task.hp, self.task.num_steps)(
-          self.task.centers["adam"])
-      self._adam = self._prepared(adam_tx, make_grad_fn(adam_spec,
-                                                        self.task.loss_fn))
-    run_adam, run_opt = self._adam, self._prepared(tx, grad_fn)
+      self._adam, self._adam_bytes = self.stepper(opt_lib.REGISTRY["adam"])
+    run_opt, state_bytes = self.stepper(spec)
+    compile_s = time.perf_counter() - t_start
+    run_adam = self._adam
     # Each sample lasts >= min_sample_s, so tiny models are not timed at the
     # resolution of the clock and the scheduler.
     per_step = min(run_adam(1), run_opt(1))
@@ -327,14 +570,36 @@ class TaskRunner:
                 step_time_s=statistics.median(t_opt),
                 adam_step_time_s=statistics.median(t_adam),
                 timing_pairs=self.timing_pairs,
-                timing_inner_steps=inner)
+                timing_inner_steps=inner, state_bytes=state_bytes,
+                compile_s=compile_s,
+                timing_wall_s=time.perf_counter() - t_start)
+
+  def expected_seconds(self, timing: Dict[str, Any], members: int,
+                       seeds: int) -> float:
+    """Expected training + evaluation seconds from a measured step time."""
+    task = self.task
+    evals = task.num_steps // task.eval_every + 1
+    eval_s = self.eval_s if self.eval_s is not None else 0.0
+    return members * seeds * (task.num_steps * timing["step_time_s"]
+                              + evals * eval_s)
+
+  def measure_eval(self) -> float:
+    """Seconds of one evaluation of one member (compiled first)."""
+    params = self._init(jax.random.key(0))
+    if self.execution == "vmap":
+      params = jax.tree.map(lambda x: x[None], params)
+    for _ in range(2):
+      t0 = time.perf_counter()
+      self.evaluate(params, stacked=self.execution == "vmap")
+      self.eval_s = time.perf_counter() - t0
+    return self.eval_s
 
 
 # -- summary across optimizers ----------------------------------------------
 
 
 def _final(curves: List[Dict[str, Any]], key: str) -> np.ndarray:
-  """Final value per sweep value, mean over seeds (NaN kept)."""
+  """Final value per member, mean over seeds (NaN kept)."""
   return np.mean([np.asarray(c[key][-1], np.float64) for c in curves], 0)
 
 
@@ -355,13 +620,24 @@ def mean_curve(result: Dict[str, Any], key: str, index: int) -> np.ndarray:
                   for c in result["curves"]], 0)
 
 
+def _clip_summary(r: Dict[str, Any], i: int) -> Optional[Dict[str, float]]:
+  """Share of all steps (every seed) with dt at each bound, member i."""
+  curves = [c for c in r["curves"] if "dt_at_lower" in c]
+  if not curves:
+    return None
+  lower = np.mean([np.asarray(c["dt_at_lower"])[:, i].mean() for c in curves])
+  upper = np.mean([np.asarray(c["dt_at_upper"])[:, i].mean() for c in curves])
+  return dict(lower=float(lower), upper=float(upper),
+              either=float(lower + upper))
+
+
 def summarize(results: Dict[str, Dict[str, Any]], task: Task) -> Dict[str, Any]:
   """Adds best value, final metrics and time to target to every `ok` result.
 
   Target: the best-tuned Adam's final test (held-out) loss, mean over seeds.
   """
   for r in results.values():
-    if r.get("status") != "ok":
+    if r.get("status") != "ok" or not r.get("curves"):
       continue
     i = best_index(r, task.select_by)
     r["best_index"] = i
@@ -377,16 +653,22 @@ def summarize(results: Dict[str, Dict[str, Any]], task: Task) -> Dict[str, Any]:
     r["test_accuracy_mean"] = float(np.mean(accs))
     r["test_accuracy_std"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
     r["seconds_per_step"] = r["step_time_s"]
+    # The training's own per-step time (median over evaluation intervals,
+    # so it includes periodic work such as Sophia's Hessian estimates).
+    trained = [c.get("measured_step_s") for c in r["curves"]]
+    r["train_step_s"] = (float(np.mean(trained))
+                         if trained and None not in trained else None)
+    r["dt_at_bounds"] = _clip_summary(r, i)
 
   adam = results.get("adam")
   target = None
-  if adam and adam.get("status") == "ok":
+  if adam and adam.get("status") == "ok" and adam.get("curves"):
     target = adam["final"]["test_loss"]
     for r in results.values():
-      if r.get("status") == "ok":
+      if r.get("status") == "ok" and "state_bytes" in r:
         r["state_bytes_ratio"] = r["state_bytes"] / adam["state_bytes"]
   for r in results.values():
-    if r.get("status") != "ok":
+    if r.get("status") != "ok" or not r.get("curves"):
       continue
     r["target_test_loss"] = target
     r["steps_to_target"] = r["seconds_to_target"] = None

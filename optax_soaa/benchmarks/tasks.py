@@ -39,6 +39,15 @@ SGD_FMNIST = dict(lr=0.07104941466307176, momentum=0.8657299202128064,
                   weight_decay=0.0002247076258274683)
 # Step-schedule factors of the same configs (multi_step_lr_gamma).
 GAMMA_BASELINE, GAMMA_ARTURO = 0.1, 0.006
+_ARTURO_REPO = "ALRhub/arturo experiments/hyperparameter_configs"
+# Step-schedule milestones of the arTuRO protocol, as fractions of training
+# (epochs 60 and 90 of 120).
+MILESTONE_FRACTIONS = (1 / 2, 3 / 4)
+# AdaFisher's statistics refresh period (the authors' TCov): the library
+# default (100, their image-classification setting) for the classification
+# tasks; their language-model script's default for `lm`
+# (Language_Model/run_exp.py, --curvature_update_interval 10).
+ADAFISHER_LM_STATS_EVERY = 10
 
 
 def _arturo_fixed():
@@ -69,6 +78,9 @@ class Task:
   gammas: Dict[str, float] = dataclasses.field(
       default_factory=lambda: {"kl": GAMMA_ARTURO, "default": GAMMA_BASELINE})
   select_by: str = "test_loss"  # final metric that picks the best sweep value
+  # Optimizer name -> (swept value, where it comes from): the configurations
+  # the tuned mode runs without a sweep.
+  tuned: Dict[str, Tuple[float, str]] = dataclasses.field(default_factory=dict)
   seq_len: int = 0  # lm only
   steps_per_epoch: int = 0
   notes: Tuple[str, ...] = ()
@@ -83,10 +95,14 @@ class Task:
     rngs = {"dropout": rng} if rng is not None else {}
     return self.model.apply({"params": params}, x, train=train, rngs=rngs)
 
+  def train_logits(self, params, batch, rng):
+    """(logits, integer targets) of one training batch (dropout on)."""
+    x, y = batch
+    return self._logits(params, x, True, rng), y
+
   def loss_fn(self, params, batch, rng):
     """Mean training cross-entropy of one batch (dropout on)."""
-    x, y = batch
-    logits = self._logits(params, x, True, rng)
+    logits, y = self.train_logits(params, batch, rng)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def example_metrics(self, params, x, y):
@@ -146,6 +162,10 @@ class Task:
         factors=list(self.factors), hp=self.hp, milestones=list(self.milestones),
         gammas=self.gammas, select_by=self.select_by, seq_len=self.seq_len,
         steps_per_epoch=self.steps_per_epoch,
+        epochs=(self.num_steps / self.steps_per_epoch
+                if self.steps_per_epoch else None),
+        tuned={k: dict(value=v, source=src)
+               for k, (v, src) in self.tuned.items()},
         train_size=int(self.train_x.shape[0]),
         eval_sizes={k: int(v[0].shape[0]) for k, v in self.eval_sets.items()},
         notes=list(self.notes),
@@ -188,31 +208,65 @@ QUICK_FACTORS = (0.1, 10**-0.5, 1.0, 10**0.5)
 
 
 def _common_hp(adam: Mapping[str, Any], adamw: Mapping[str, Any],
-               sgd: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+               sgd: Mapping[str, Any],
+               adafisher: Mapping[str, Any] = ()) -> Dict[str, Dict[str, Any]]:
   return {
       "adam": dict(adam),
       "adamw": dict(adamw),
       "sgd": dict(sgd),
       "soaa": {},
       "sophia": {},
-      # The train step collects AdaFisher's statistics on every step anyway
-      # (the Flax helper has no skip), so refreshing them every step costs
-      # nothing extra; the default (100) would refresh them only a handful of
-      # times in these short runs.
-      "adafisher": {"stats_every": 1},
+      "adafisher": dict(adafisher),
       # AdaFisherW pairs with AdamW: the same decoupled weight decay.
-      "adafisherw": {"stats_every": 1,
+      "adafisherw": {**dict(adafisher),
                      "weight_decay": adamw.get("weight_decay", 1e-4)},
       "arturo": _arturo_fixed(),
+      "kfac": {},
   }
 
 
+def _length(steps: Optional[int], epochs: Optional[float],
+            steps_per_epoch: int, default: int) -> int:
+  """Training steps from --steps or --epochs (not both), else `default`."""
+  if steps is not None and epochs is not None:
+    raise ValueError("give either steps or epochs, not both")
+  if steps is not None:
+    if steps <= 0:
+      raise ValueError(f"steps must be a positive int, got {steps}")
+    return int(steps)
+  if epochs is not None:
+    if epochs <= 0:
+      raise ValueError(f"epochs must be positive, got {epochs}")
+    return max(1, int(round(epochs * steps_per_epoch)))
+  return default
+
+
+def _epoch_eval_every(num_steps: int, steps_per_epoch: int) -> int:
+  """Evaluation interval of an --epochs run: once per epoch, or, in a run of
+  fewer than four epochs, the largest divisor of its length giving at least
+  four evaluations (the run keeps its exact length)."""
+  if num_steps >= 4 * steps_per_epoch and num_steps % steps_per_epoch == 0:
+    return steps_per_epoch
+  return max(d for d in range(1, max(1, num_steps // 4) + 1)
+             if num_steps % d == 0)
+
+
+def milestones_at_fractions(num_steps: int) -> Tuple[int, ...]:
+  """The arTuRO protocol's step-schedule milestones, scaled to `num_steps`."""
+  return tuple(int(round(num_steps * f)) for f in MILESTONE_FRACTIONS)
+
+
 def digits_mlp(quick: bool = False, steps: Optional[int] = None,
-               factors: Optional[Sequence[float]] = None, **_) -> Task:
+               factors: Optional[Sequence[float]] = None,
+               epochs: Optional[float] = None, **_) -> Task:
   split = data_lib.load_digits_split()
   batch = 128
-  num_steps = steps or (300 if quick else 1000)
-  eval_every = 25 if num_steps >= 100 else max(1, num_steps // 4)
+  steps_per_epoch = split.x_train.shape[0] // batch
+  num_steps = _length(steps, epochs, steps_per_epoch, 300 if quick else 1000)
+  if epochs is not None:
+    eval_every = _epoch_eval_every(num_steps, steps_per_epoch)
+  else:
+    eval_every = 25 if num_steps >= 100 else max(1, num_steps // 4)
   num_steps = _round_up(num_steps, eval_every)
   return Task(
       name="digits-mlp", kind="classify", model=models.MLP(),
@@ -224,7 +278,7 @@ def digits_mlp(quick: bool = False, steps: Optional[int] = None,
       centers={"adam": 1e-3, "sgd": 0.1, "kl": ARTURO_FMNIST["kl_bound"]},
       factors=tuple(factors or (QUICK_FACTORS if quick else DEFAULT_FACTORS)),
       hp=_common_hp({}, {}, {"momentum": 0.9}),
-      steps_per_epoch=split.x_train.shape[0] // batch,
+      steps_per_epoch=steps_per_epoch,
       notes=("MLP 64-128-128-10 (ReLU) on sklearn load_digits, stratified"
              " 80/20 split (random_state=0), batch 128, constant step size;"
              " optimizer defaults except the swept value; arTuRO uses the"
@@ -234,7 +288,8 @@ def digits_mlp(quick: bool = False, steps: Optional[int] = None,
 
 def fmnist_cnn(quick: bool = False, steps: Optional[int] = None,
                factors: Optional[Sequence[float]] = None,
-               data_dir: Optional[str] = None, **_) -> Task:
+               data_dir: Optional[str] = None,
+               epochs: Optional[float] = None, **_) -> Task:
   split = data_lib.load_fashion_mnist(data_dir)
   batch = 255
   rng = np.random.default_rng(1234)
@@ -244,16 +299,22 @@ def fmnist_cnn(quick: bool = False, steps: Optional[int] = None,
     # training images), 2 epochs, milestones at the same fractions (1/2,
     # 3/4) of training.
     train_idx = rng.permutation(split.x_train.shape[0])[: 8 * batch]
-    epochs, eval_train, eval_test = 2, 250, 500
+    default_epochs, eval_train, eval_test = 2, 250, 500
   else:
     train_idx = np.arange(split.x_train.shape[0])
-    epochs, eval_train, eval_test = 120, 10_000, split.x_test.shape[0]
+    default_epochs, eval_train, eval_test = 120, 10_000, split.x_test.shape[0]
   x_train, y_train = split.x_train[train_idx], split.y_train[train_idx]
   steps_per_epoch = x_train.shape[0] // batch
-  num_steps = steps or epochs * steps_per_epoch
-  eval_every = min(steps_per_epoch, max(1, num_steps // 4))
+  num_steps = _length(steps, epochs, steps_per_epoch,
+                      default_epochs * steps_per_epoch)
+  # Evaluated once per epoch, as the authors' script does (at least four
+  # times in a shorter run).
+  if epochs is not None:
+    eval_every = _epoch_eval_every(num_steps, steps_per_epoch)
+  else:
+    eval_every = min(steps_per_epoch, max(1, num_steps // 4))
   num_steps = _round_up(num_steps, eval_every)
-  milestones = (int(round(num_steps * 60 / 120)), int(round(num_steps * 90 / 120)))
+  milestones = milestones_at_fractions(num_steps)
   train_eval_idx = rng.permutation(x_train.shape[0])[:eval_train]
   test_idx = rng.permutation(split.x_test.shape[0])[:eval_test]
   return Task(
@@ -272,28 +333,42 @@ def fmnist_cnn(quick: bool = False, steps: Optional[int] = None,
           {k: v for k, v in SGD_FMNIST.items() if k != "lr"}),
       milestones=milestones, select_by="test_accuracy",
       steps_per_epoch=steps_per_epoch,
+      tuned={
+          "adam": (ADAM_FMNIST["lr"], f"{_ARTURO_REPO}/adam/fmnist_cnn.yml"),
+          "adamw": (ADAMW_FMNIST["lr"],
+                    f"{_ARTURO_REPO}/adamw/fmnist_cnn.yml"),
+          "sgd": (SGD_FMNIST["lr"], f"{_ARTURO_REPO}/sgd/fmnist_cnn.yml"),
+          "arturo": (ARTURO_FMNIST["kl_bound"],
+                     f"{_ARTURO_REPO}/arturo/fmnist_cnn.yml"),
+      },
       notes=(
           "arTuRO paper protocol (ALRhub/arturo): CNN 3x(3x3 conv 32/64/128,"
           " ReLU, VALID), max-pool after the first two, dropout 0.2 after each"
           " conv block, Dense 256 + dropout 0.5, Dense 10; pixels / 255;"
           " batch 255 (last partial batch of an epoch dropped); step schedule"
-          " at 1/2 and 3/4 of training (epochs 60 and 90 of 120): x0.1 for"
-          " every learning rate, x0.006 for arTuRO's kl_bound.",
+          " at 1/2 and 3/4 of training (the paper: epochs 60 and 90 of 120):"
+          " x0.1 for every learning rate, x0.006 for arTuRO's kl_bound.",
           "Tuned hyperparameters of the authors' repository for Adam, AdamW,"
           " SGD-momentum and arTuRO; the others use their defaults with"
           " Adam's tuned learning rate as the sweep centre.",
           ("--quick (a smoke-scale run, not the paper's protocol): 2,040"
            " training images (8 batches/epoch), 2 epochs, evaluation on 250"
            " train and 500 test images."
-           if quick else "Train metrics on a fixed 10,000-image subset of"
-           " the training set; test metrics on all 10,000 test images."),
+           if quick else f"Full training set ({x_train.shape[0]:,} images,"
+           f" {steps_per_epoch} batches/epoch); train metrics on a fixed"
+           f" {eval_train:,}-image subset of it; test metrics on all"
+           f" {split.x_test.shape[0]:,} test images."),
       ),
   )
 
 
 def lm(quick: bool = False, steps: Optional[int] = None,
        factors: Optional[Sequence[float]] = None,
-       text_file: Optional[str] = None, **_) -> Task:
+       text_file: Optional[str] = None, epochs: Optional[float] = None,
+       **_) -> Task:
+  if epochs is not None:
+    raise ValueError("epochs applies to the classification tasks; give lm"
+                     " --steps")
   if quick:
     width, layers, heads, seq_len, batch = 64, 2, 4, 64, 16
     max_bytes, default_steps, n_eval = 1_000_000, 200, 32
@@ -301,7 +376,7 @@ def lm(quick: bool = False, steps: Optional[int] = None,
     width, layers, heads, seq_len, batch = 128, 2, 4, 128, 32
     max_bytes, default_steps, n_eval = 4_000_000, 1000, 128
   tokens = data_lib.lm_byte_splits(text_file, max_bytes=max_bytes)
-  num_steps = steps or default_steps
+  num_steps = _length(steps, None, 1, default_steps)
   eval_every = 25 if num_steps >= 100 else max(1, num_steps // 4)
   num_steps = _round_up(num_steps, eval_every)
 
@@ -322,7 +397,8 @@ def lm(quick: bool = False, steps: Optional[int] = None,
       batch_size=batch, num_steps=num_steps, eval_every=eval_every,
       centers={"adam": 3e-3, "sgd": 0.3, "kl": ARTURO_FMNIST["kl_bound"]},
       factors=tuple(factors or QUICK_FACTORS),
-      hp=_common_hp({}, {}, {"momentum": 0.9}),
+      hp=_common_hp({}, {}, {"momentum": 0.9},
+                    {"stats_every": ADAFISHER_LM_STATS_EVERY}),
       seq_len=seq_len, eval_chunk=32,
       notes=(
           f"Byte-level decoder-only transformer (width {width}, {layers}"

@@ -4,6 +4,11 @@ Every runner trains the same Flax MLP on the same global batch for the same
 number of steps and returns host copies of (params, opt_state, losses), so a
 test compares any of them against the single-device run.
 
+The runners work in one process and in several (``jax.distributed``): data
+enters as global arrays built from the host copy (each process materialises
+only its own shards) and comes back with `to_host`, which gathers across
+processes.
+
 Layouts (8 devices):
   * pmap: params and state replicated, batch split 8 ways; the user pmeans
     the gradients and the loss over the mapped axis before ``update``.
@@ -12,7 +17,8 @@ Layouts (8 devices):
     by ``optax_soaa.state_shardings``.
   * shard_map: the same mesh and layout written by hand: the body gathers the
     params over 'fsdp', and the optimizer, built with ``axis_name='fsdp'``,
-    psums its global sums over the split axis.
+    psums its global sums over the split axis. Or data parallel ("dp"):
+    params and state replicated on a 1-D 'batch' mesh.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jax.experimental import multihost_utils
 
 import optax_soaa
 import optax_soaa.flax
@@ -103,8 +111,30 @@ def _value_grad(case: Case, loss_fn, stats_axis=None):
   return g
 
 
+def global_array(host: np.ndarray, sharding: jax.sharding.Sharding):
+  """`host` (the same on every process) as a global array with `sharding`.
+
+  Each process builds only the shards of its own devices, as a data loader
+  of a multi-process run would.
+  """
+  host = np.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+
 def to_host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  """NumPy copies of the whole (global) arrays, on every process.
+
+  A sharded array that spans several processes is gathered first (a
+  collective: every process calls this with the same tree).
+  """
+
+  def fetch(leaf):
+    if (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+        and not leaf.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+  return jax.tree.map(fetch, tree)
 
 
 def run_single(case: Case):
@@ -165,18 +195,47 @@ def fsdp_specs(params):
   return jax.tree.map(lambda _: P("fsdp"), params)
 
 
-def run_sharded_jit(case: Case):
-  """FSDP under jit: sharded params, state and batch; no axis_name."""
-  params, xs, ys = problem()
-  mesh = jax.make_mesh((DATA, FSDP), ("data", "fsdp"), axis_types=AUTO)
-  opt = case.make(None)
-  value_grad = _value_grad(case, mean_loss)
-  param_sh = jax.tree.map(
+def fsdp_shardings(params, data: int = DATA, fsdp: int = FSDP):
+  """The ('data', 'fsdp') mesh over all devices and the params' shardings."""
+  mesh = jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=AUTO)
+  return mesh, jax.tree.map(
       lambda spec: jax.sharding.NamedSharding(mesh, spec), fsdp_specs(params)
   )
+
+
+def fsdp_targets(case: Case, data: int, fsdp: int):
+  """Abstract (params, state) laid out FSDP on a (data, fsdp) mesh.
+
+  The targets a checkpoint is restored into: every leaf a
+  ``jax.ShapeDtypeStruct`` with the sharding it is to get.
+  """
+  params, _, _ = problem()
+  _, param_sh = fsdp_shardings(params, data, fsdp)
+  params_like = jax.tree.map(
+      lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+      params, param_sh,
+  )
+  opt = case.make(None)
+  state_sh = optax_soaa.state_shardings(opt, params_like)
+  state_like = jax.eval_shape(
+      jax.jit(opt.init, out_shardings=state_sh), params_like
+  )
+  return params_like, state_like
+
+
+def run_sharded_jit(case: Case,
+                    after_step: Optional[Callable[[int, Any], None]] = None):
+  """FSDP under jit: sharded params, state and batch; no axis_name.
+
+  `after_step(t, loss)`, if given, is called after step t (from 0).
+  """
+  params, xs, ys = problem()
+  mesh, param_sh = fsdp_shardings(params)
+  opt = case.make(None)
+  value_grad = _value_grad(case, mean_loss)
   batch_sh = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
   replicated = jax.sharding.NamedSharding(mesh, P())
-  params = jax.device_put(params, param_sh)
+  params = jax.tree.map(global_array, params, param_sh)
   state_sh = optax_soaa.state_shardings(opt, params)
   state = jax.jit(opt.init, out_shardings=state_sh)(params)
 
@@ -193,23 +252,27 @@ def run_sharded_jit(case: Case):
   init_state = state
   losses = []
   for t in range(STEPS):
-    params, state, value = step(params, state, xs[t], ys[t])
+    params, state, value = step(params, state, global_array(xs[t], batch_sh),
+                                global_array(ys[t], batch_sh))
     losses.append(value)
+    if after_step is not None:
+      after_step(t, value)
   return (to_host(params), to_host(state), np.asarray(losses),
           dict(params=params, state=state, init_state=init_state,
                state_shardings=state_sh, mesh=mesh))
 
 
 def run_shard_map(case: Case, axis_name: Optional[str] = "default",
-                  check_vma: bool = True):
-  """Manual partitioning with shard_map, layout `case.shard_map_layout`.
+                  check_vma: bool = True, layout: Optional[str] = None):
+  """Manual partitioning with shard_map, `layout` (`case.shard_map_layout`).
 
   "fsdp": each device holds 1/FSDP of every param and of its state; the body
   gathers the params over 'fsdp' for the forward pass, and the optimizer,
   built with ``axis_name='fsdp'`` (the split axis), psums its global sums.
-  "dp": params and state replicated on a ('batch',) mesh of all devices; the
-  optimizer, built with ``axis_name='batch'``, averages what it averages
-  (AdaFisher: the layer statistics).
+  "dp": data parallel, params and state replicated on a ('batch',) mesh of
+  all devices. Every device holds the whole model, so SOAA's and arTuRO's sums
+  are already global (no axis_name); AdaFisher, built with
+  ``axis_name='batch'``, averages its layer statistics over the batch.
 
   The loss is written as a global mean (local sum / global batch size), so
   the gradient of a param is the psum of the local contributions: over
@@ -219,7 +282,8 @@ def run_shard_map(case: Case, axis_name: Optional[str] = "default",
   when check_vma=False.
   """
   params, xs, ys = problem()
-  if case.shard_map_layout == "fsdp":
+  layout = layout or case.shard_map_layout
+  if layout == "fsdp":
     mesh = jax.make_mesh((DATA, FSDP), ("data", "fsdp"), axis_types=AUTO)
     specs = fsdp_specs(params)
     split_axis, replica_axes = "fsdp", ("data",)
@@ -229,7 +293,10 @@ def run_shard_map(case: Case, axis_name: Optional[str] = "default",
     split_axis, replica_axes = None, ("batch",)
   all_axes = mesh.axis_names
   if axis_name == "default":
-    axis_name = split_axis if case.shard_map_layout == "fsdp" else "batch"
+    if layout == "fsdp":
+      axis_name = split_axis
+    else:
+      axis_name = "batch" if case.stats else None
   opt = case.make(axis_name)
   state_specs = optax_soaa.state_partition_specs(opt, params, specs)
   batch_spec = P(all_axes)
@@ -265,10 +332,99 @@ def run_shard_map(case: Case, axis_name: Optional[str] = "default",
   param_sh = jax.tree.map(
       lambda spec: jax.sharding.NamedSharding(mesh, spec), specs
   )
-  params = jax.device_put(params, param_sh)
+  batch_sh = jax.sharding.NamedSharding(mesh, batch_spec)
+  params = jax.tree.map(global_array, params, param_sh)
   state = init(params)
   losses = []
   for t in range(STEPS):
-    params, state, value = step(params, state, xs[t], ys[t])
+    params, state, value = step(params, state, global_array(xs[t], batch_sh),
+                                global_array(ys[t], batch_sh))
     losses.append(value)
   return to_host(params), to_host(state), np.asarray(losses)
+
+
+# The optimizers under test, shared by the tests of this directory and by the
+# multi-process worker.
+TOL = 1e-5  # Relative; what it covers: test_dist_equivalence's docstring.
+# On one CPU device the optimizers run their passes slice by slice (4096
+# elements by default, `passes.CPU_CHUNK_SIZE`); a small chunk_size runs that
+# code path on these small leaves and on their shards, whole and partial
+# slices alike.
+CHUNK = 24
+
+
+def _soaa(axis_name):
+  return optax_soaa.soaa(
+      3e-2, weight_decay=1e-3, total_steps=STEPS, axis_name=axis_name,
+      chunk_size=CHUNK,
+  )
+
+
+def _arturo(axis_name):
+  # The reference's tuned Fashion-MNIST values, KL bound 0.05.
+  return optax_soaa.arturo(
+      0.05, reg_weight=0.0587, prior_prec=0.0015, dynamic_model_noise=0.0174,
+      measurement_noise=2.82, start_filter_cov=5e-5, nu=1.3,
+      axis_name=axis_name, chunk_size=CHUNK,
+  )
+
+
+def _adafisher(axis_name):
+  return optax_soaa.adafisherw(
+      1e-3, stats_every=2, weight_decay=1e-3, axis_name=axis_name
+  )
+
+
+CASES = {
+    "soaa": Case("soaa", _soaa),
+    "arturo": Case("arturo", _arturo),
+    "adafisher": Case(
+        "adafisher", _adafisher, stats=True, shard_map_layout="dp"
+    ),
+}
+
+
+def assert_trees_close(actual, expected, tol=TOL):
+  """Leafwise: max|a - e| <= tol * max|e|; integer leaves exactly equal."""
+  paths = jax.tree.leaves_with_path(expected)
+  leaves = jax.tree.leaves(actual)
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for (path, e), a in zip(paths, leaves):
+    a, e = np.asarray(a), np.asarray(e)
+    assert a.shape == e.shape and a.dtype == e.dtype, jax.tree_util.keystr(path)
+    if not np.issubdtype(e.dtype, np.floating):
+      np.testing.assert_array_equal(a, e, err_msg=jax.tree_util.keystr(path))
+      continue
+    if e.size == 0:
+      continue
+    scale = max(float(np.max(np.abs(e))), np.finfo(np.float32).tiny)
+    err = float(np.max(np.abs(a.astype(np.float64) - e)))
+    assert np.all(np.isfinite(a)), jax.tree_util.keystr(path)
+    assert err <= tol * scale, (
+        f"{jax.tree_util.keystr(path)}: max |diff| {err:.3g} > "
+        f"{tol:g} * max |ref| {scale:.3g}"
+    )
+
+
+def worst_deviation(actual, expected):
+  """max over float leaves of max|a - e| / max|e| (the quantity TOL bounds)."""
+  worst = 0.0
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    if e.size and np.issubdtype(np.asarray(e).dtype, np.floating):
+      worst = max(worst, float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)),
+                                                          1e-38)))
+  return worst
+
+
+_RUNNERS = {
+    "single": run_single,
+    "sharded_jit": run_sharded_jit,
+    "shard_map_dp": functools.partial(run_shard_map, layout="dp"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def cached_run(mode: str, name: str):
+  """`_RUNNERS[mode](CASES[name])`, computed once per process."""
+  return _RUNNERS[mode](CASES[name])

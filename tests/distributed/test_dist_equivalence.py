@@ -28,69 +28,13 @@ import dist_harness as harness
 import optax_soaa
 
 P = jax.sharding.PartitionSpec
-TOL = 1e-5
-# On CPU the optimizers sum large leaves slice by slice (chunks of 65536
-# elements by default); a small chunk runs that code path on these small
-# leaves and on their shards, whole and partial chunks alike.
-CHUNK = 24
+CASES = harness.CASES
+TOL = harness.TOL
+assert_trees_close = harness.assert_trees_close
 
 
-def _soaa(axis_name):
-  return optax_soaa.soaa(
-      3e-2, weight_decay=1e-3, total_steps=harness.STEPS, axis_name=axis_name,
-      reduction_chunk_size=CHUNK,
-  )
-
-
-def _arturo(axis_name):
-  # The reference's tuned Fashion-MNIST values, KL bound 0.05.
-  return optax_soaa.arturo(
-      0.05, reg_weight=0.0587, prior_prec=0.0015, dynamic_model_noise=0.0174,
-      measurement_noise=2.82, start_filter_cov=5e-5, nu=1.3,
-      axis_name=axis_name, chunk_size=CHUNK,
-  )
-
-
-def _adafisher(axis_name):
-  return optax_soaa.adafisherw(
-      3e-2, stats_every=2, weight_decay=1e-3, axis_name=axis_name
-  )
-
-
-CASES = {
-    "soaa": harness.Case("soaa", _soaa),
-    "arturo": harness.Case("arturo", _arturo),
-    "adafisher": harness.Case(
-        "adafisher", _adafisher, stats=True, shard_map_layout="dp"
-    ),
-}
-
-
-@functools.lru_cache(maxsize=None)
 def reference(name):
-  return harness.run_single(CASES[name])
-
-
-def assert_trees_close(actual, expected, tol=TOL):
-  """Leafwise: max|a - e| <= tol * max|e|; integer leaves exactly equal."""
-  paths = jax.tree.leaves_with_path(expected)
-  leaves = jax.tree.leaves(actual)
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for (path, e), a in zip(paths, leaves):
-    a, e = np.asarray(a), np.asarray(e)
-    assert a.shape == e.shape and a.dtype == e.dtype, jax.tree_util.keystr(path)
-    if not np.issubdtype(e.dtype, np.floating):
-      np.testing.assert_array_equal(a, e, err_msg=jax.tree_util.keystr(path))
-      continue
-    if e.size == 0:
-      continue
-    scale = max(float(np.max(np.abs(e))), np.finfo(np.float32).tiny)
-    err = float(np.max(np.abs(a.astype(np.float64) - e)))
-    assert np.all(np.isfinite(a)), jax.tree_util.keystr(path)
-    assert err <= tol * scale, (
-        f"{jax.tree_util.keystr(path)}: max |diff| {err:.3g} > "
-        f"{tol:g} * max |ref| {scale:.3g}"
-    )
+  return harness.cached_run("single", name)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -113,7 +57,7 @@ def _param_paths(params):
 
 @pytest.mark.parametrize("name", CASES)
 def test_sharded_jit_matches_single_device(name):
-  params, state, losses, live = harness.run_sharded_jit(CASES[name])
+  params, state, losses, live = harness.cached_run("sharded_jit", name)
   ref_params, ref_state, ref_losses = reference(name)
   assert_trees_close(params, ref_params)
   assert_trees_close(state, ref_state)
@@ -218,17 +162,6 @@ def test_explicit_sharding_keeps_state_types(name):
   assert n_sharded >= len(jax.tree.leaves(params))  # The moments at least.
 
 
-def _worst_deviation(actual, expected):
-  """max over float leaves of max|a - e| / max|e| (the quantity TOL bounds)."""
-  worst = 0.0
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    if e.size and np.issubdtype(np.asarray(e).dtype, np.floating):
-      worst = max(worst, float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)),
-                                                          1e-38)))
-  return worst
-
-
 if __name__ == "__main__":
   # Prints the measured deviations that TOL must cover:
   # XLA_FLAGS=--xla_force_host_platform_device_count=8 \
@@ -244,5 +177,5 @@ if __name__ == "__main__":
     }
     for mode, (run_params, run_state) in runs.items():
       print(f"{case_name:10s} {mode:12s} params "
-            f"{_worst_deviation(run_params, ref[0]):.2e}  state "
-            f"{_worst_deviation(run_state, ref[1]):.2e}")
+            f"{harness.worst_deviation(run_params, ref[0]):.2e}  state "
+            f"{harness.worst_deviation(run_state, ref[1]):.2e}")

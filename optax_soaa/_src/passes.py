@@ -1,0 +1,265 @@
+"""The seam between the optimizers' passes over memory and the backend.
+
+SOAA and arTuRO are each a few passes over their per-parameter arrays (SOAA:
+the moments, then the step; arTuRO: the filter, the bisection's KL sums, the
+step). Each pass is written once, in the optimizer's module, as pure-JAX
+elementwise functions of one leaf's arrays and of named scalars. `run`
+applies a pass to every leaf of a pytree, adds up its global sums, and decides
+how the pass is laid over memory: whole arrays (GPU, TPU, several devices), or
+loops over cache-sized slices on a single CPU device. That choice is made here
+and nowhere else; docs/internals.md explains it.
+"""
+
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from optax_soaa._src import utils
+
+# The slice length "auto" resolves to on a single CPU device. XLA:CPU
+# materialises the operand of a reduction, and every subexpression shared by
+# several outputs, as a parameter-sized temporary: a fresh allocation and a
+# round trip to memory per step. Slices of this many elements keep them in
+# cache. (On the update-step benchmark at 10M parameters, SOAA's step ran
+# about 2.5x and arTuRO's about 3.5x slower over whole arrays on this CPU.)
+CPU_CHUNK_SIZE = 4096
+
+
+def check_chunk_size(name: str, chunk_size: Any) -> None:
+  """Validates a slicing option: "auto", None or a positive int."""
+  if (isinstance(chunk_size, str) and chunk_size == "auto") or (
+      chunk_size is None):
+    return
+  if hasattr(chunk_size, "dtype"):  # An array: say that it must be static.
+    utils.check_positive_int(name, chunk_size, static=True)
+  try:
+    utils.check_positive_int(name, chunk_size, static=True)
+  except ValueError:
+    raise ValueError(
+        f'`{name}` must be "auto", None or a positive int, got '
+        f"{chunk_size!r}.") from None
+
+
+def resolve_chunk_size(chunk_size: Any) -> Optional[int]:
+  """The slice length to trace with, for a `check_chunk_size`-valid option.
+
+  Called inside `update`, at trace time, so that "auto" sees the devices
+  (after `jax.distributed.initialize`). "auto" slices on a single CPU device
+  only: on GPU and TPU a pass fuses into one kernel over whole arrays, and
+  with several devices the leaves may be sharded, where slicing would make
+  XLA gather them.
+  """
+  if isinstance(chunk_size, str):
+    if jax.default_backend() == "cpu" and jax.device_count() == 1:
+      return CPU_CHUNK_SIZE
+    return None
+  return None if chunk_size is None else int(chunk_size)
+
+
+class Result(NamedTuple):
+  """What `run` returns."""
+
+  states: tuple  # The new states, trees like the `states` given.
+  sums: Optional[jax.Array]  # shape=(K,): `terms` summed over every element.
+  outputs: Any  # `output`'s arrays, a tree like `inputs[0]`; or None.
+
+
+def run(
+    name: str,
+    inputs: Sequence[Any],
+    states: Sequence[Any] = (),
+    scalars: Optional[Mapping[str, Any]] = None,
+    *,
+    update: Optional[Callable[..., Sequence[jax.Array]]] = None,
+    terms: Optional[Callable[..., Any]] = None,
+    output: Optional[Callable[..., jax.Array]] = None,
+    sum_dtype: Any = jnp.float32,
+    chunk_size: Optional[int] = None,
+    carried: Sequence[int] = (),
+    axis_name: Optional[str] = None,
+) -> Result:
+  """One pass over memory: every leaf of `inputs` and `states`, once.
+
+  Per leaf, with ``xs = (*inputs, *states)`` and ``s = scalars``:
+
+  * ``update(*xs, **s)`` returns the new states (elementwise), cast back to
+    the states' dtypes;
+  * ``terms(*inputs, *new_states, **s)`` returns K arrays of terms (a tuple,
+    or one array with a leading axis of size K), each summed over every
+    element of every leaf in `sum_dtype` and, with `axis_name`, over that
+    mapped axis;
+  * ``output(*inputs, *new_states, **s)`` returns an array, computed over
+    whole arrays (never sliced) so that XLA fuses it into its consumer (the
+    returned updates, into `optax.apply_updates`).
+
+  Args:
+    name: the pass's name, a `jax.named_scope` in profiles and HLO.
+    inputs: pytrees of the same structure, read only.
+    states: pytrees of that structure, written (in place, when donated).
+    scalars: the pass's named scalars (arrays or Python values), passed to
+      each function as keyword arguments.
+    update: optional, see above.
+    terms: optional, see above.
+    output: optional, see above.
+    sum_dtype: dtype of the sums.
+    chunk_size: None (whole arrays) or a slice length, from
+      `resolve_chunk_size`.
+    carried: indices into `states` whose old values `update` reads in
+      several places (see `_sliced`).
+    axis_name: mapped axis over which the parameters are split.
+
+  Returns:
+    A `Result`.
+  """
+  scalars = dict(scalars or {})
+  treedef = jax.tree.structure((inputs or states)[0])
+  in_leaves = [treedef.flatten_up_to(x) for x in inputs]
+  st_leaves = [treedef.flatten_up_to(x) for x in states]
+  new_leaves, sums, out_leaves = [], None, []
+  with jax.named_scope(name):
+    for k in range(treedef.num_leaves):
+      ins = tuple(x[k] for x in in_leaves)
+      olds = tuple(x[k] for x in st_leaves)
+      if update is None and terms is None:
+        new, total = olds, None
+      else:
+        new, total = _sliced(
+            (lambda *xs: update(*xs, **scalars)) if update else None,
+            (lambda *xs: terms(*xs, **scalars)) if terms else None,
+            ins, olds, chunk_size, carried, sum_dtype,
+        )
+      new_leaves.append(new)
+      if total is not None:
+        sums = total if sums is None else sums + total
+      if output is not None:
+        out_leaves.append(output(*ins, *new, **scalars))
+    if terms is not None and sums is None:  # No leaves: K sums of nothing.
+      empty = [jnp.zeros((0,), sum_dtype)] * (len(inputs) + len(states))
+      sums = _sums(terms(*empty, **scalars), sum_dtype)
+    if sums is not None and axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+  new_states = tuple(
+      treedef.unflatten([leaf[i] for leaf in new_leaves])
+      for i in range(len(states))
+  )
+  outputs = treedef.unflatten(out_leaves) if output is not None else None
+  return Result(new_states, sums, outputs)
+
+
+def _rows(terms: Any, dtype: Any) -> jax.Array:
+  """K arrays of terms (a tuple, or a leading axis) as a (K, n) array."""
+  if isinstance(terms, (tuple, list)):
+    terms = jnp.stack([jnp.ravel(t).astype(dtype) for t in terms])
+  return terms.astype(dtype).reshape(terms.shape[0], -1)
+
+
+def _sums(terms: Any, dtype: Any) -> jax.Array:
+  """K arrays of terms summed, shape (K,): a reduction per array (stacked
+  first, they would be written out as one (K, n) array)."""
+  if isinstance(terms, (tuple, list)):
+    return jnp.stack([jnp.sum(jnp.asarray(t).astype(dtype)) for t in terms])
+  return jnp.sum(_rows(terms, dtype), axis=1)
+
+
+def _even_chunk(size: int, chunk: int) -> int:
+  """A slice length within [chunk/2, 3 chunk/2] that divides `size`.
+
+  A shorter last slice of states runs in the loop as an overlapping,
+  masked slice, whose selects cost every slice: avoid it when such a
+  divisor exists (else `chunk`, with its last slice).
+  """
+  lo = -(-2 * size // (3 * chunk))
+  for count in range(max(1, lo), 2 * size // chunk + 1):
+    if size % count == 0:
+      return size // count
+  return chunk
+
+
+def _sliced(update, terms, inputs, states, chunk, carried, dtype):
+  """One leaf's new states and summed terms, slice by slice.
+
+  Over a leaf larger than `chunk` the pass runs in a loop: the new states
+  are written over `states` in place and the slices' terms are added up
+  element by element in a slice-long accumulator, summed once at the end (a
+  reduction inside the loop would be a kernel call per slice, whose fixed
+  cost dominated SOAA's predicted-reduction sum).
+
+  In-place writes need care: when a fusion that is not an input of a
+  state's write reads that state's old slice, XLA copies the whole state
+  array on every slice to keep the old values. So `terms` reads the new
+  states' slices back from the arrays they were just written into, and the
+  states listed in `carried` reach `update` through the loop carry: each
+  slice is read from the array after the write before it, so the update
+  may read it in any number of fusions (arTuRO's λ and h both read the old
+  h). A carried state costs one more slice copy per iteration.
+  """
+  def new_states(*xs):
+    if update is None:
+      return ()
+    return tuple(n.astype(x.dtype) for n, x in zip(update(*xs), states))
+
+  size = (states or inputs)[0].size
+  if chunk is None or size <= chunk:
+    new = new_states(*inputs, *states)
+    total = None if terms is None else _sums(terms(*inputs, *new), dtype)
+    return new, total
+  shape = (states or inputs)[0].shape
+  chunk = _even_chunk(size, chunk)
+  flat_in = [x.reshape(-1) for x in inputs]
+  flat_st = tuple(x.reshape(-1) for x in states)
+  num_chunks = size // chunk
+  # A shorter last slice runs in the loop, as a full slice that ends at the
+  # leaf's end and keeps the elements it shares with the slice before
+  # (outside the loop, XLA would copy whole state arrays to order its reads
+  # and writes).
+  ragged = size % chunk != 0
+  num_chunks += ragged
+
+  def start_of(i):
+    return jnp.minimum(i * chunk, size - chunk) if ragged else i * chunk
+
+  def part(x, start):
+    return jax.lax.dynamic_slice_in_dim(x, start, chunk)
+
+  carried = tuple(carried)
+
+  def body(i, carry):
+    flat_st, current, acc = carry
+    start = start_of(i)
+    ins = [part(x, start) for x in flat_in]
+    olds = [part(x, start) for x in flat_st]
+    for k, c in zip(carried, current):
+      olds[k] = c
+    new = new_states(*ins, *olds)
+    if ragged:
+      fresh = start + jax.lax.iota(jnp.int32, chunk) >= i * chunk
+      new = tuple(jnp.where(fresh, n, c) for n, c in zip(new, olds))
+    flat_st = tuple(
+        jax.lax.dynamic_update_slice_in_dim(x, n, start, 0)
+        for x, n in zip(flat_st, new)
+    )
+    # The next slices, read after this one's write (see the docstring).
+    current = tuple(part(flat_st[k], start_of(i + 1)) for k in carried)
+    if terms is None:
+      return flat_st, current, acc
+    slice_terms = _rows(terms(*ins, *[part(x, start) for x in flat_st]),
+                        dtype)
+    if ragged:
+      slice_terms = jnp.where(fresh, slice_terms, 0)
+    return flat_st, current, acc + slice_terms
+
+  if terms is None:
+    zero = jnp.zeros([])
+  else:
+    # A zero derived from the terms, not jnp.zeros: under shard_map it must
+    # vary over the same mesh axes as the terms added to it (and `where`
+    # keeps it zero whatever the terms: inf, nan).
+    lead = [part(x, 0) for x in flat_in] + [part(x, 0) for x in flat_st]
+    lead_terms = _rows(terms(*lead), dtype)
+    zero = jnp.where(jnp.zeros(lead_terms.shape, bool), lead_terms, 0)
+  current = tuple(part(flat_st[k], 0) for k in carried)
+  flat_st, _, acc = jax.lax.fori_loop(
+      0, num_chunks, body, (flat_st, current, zero))
+  total = None if terms is None else jnp.sum(acc, axis=-1)
+  return tuple(x.reshape(shape) for x in flat_st), total

@@ -1,0 +1,328 @@
+"""The benchmark tool's run modes: resume, tuned, epochs, plans and K-FAC."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_soaa import bench
+from optax_soaa.benchmarks import kfac_baseline
+from optax_soaa.benchmarks import optimizers as opt_lib
+from optax_soaa.benchmarks import report
+from optax_soaa.benchmarks import runner as runner_lib
+from optax_soaa.benchmarks import tasks as tasks_lib
+
+from tests.test_bench_data import _write_idx
+
+BASE = ["--steps", "4", "--lrs", "0.5,2", "--timing-pairs", "1",
+        "--no-progress"]
+
+
+def _main(args):
+  with contextlib.redirect_stdout(io.StringIO()):
+    return bench.main(args)
+
+
+def _load(out):
+  return json.loads((out / report.RESULTS_FILE).read_text())
+
+
+# -- resume ---------------------------------------------------------------------
+
+
+def test_stopped_run_keeps_finished_seeds_and_resume_skips_them(
+    tmp_path, monkeypatch):
+  out = tmp_path / "run"
+  trained, stop = [], [True]
+  original = runner_lib.TaskRunner._train_seed
+
+  def train_seed(self, plan, spec, values, seed, bar):
+    if spec.name == "sgd" and seed == 1 and stop:
+      stop.clear()
+      raise KeyboardInterrupt  # a user stopping the run mid-way
+    trained.append((spec.name, seed))
+    return original(self, plan, spec, values, seed, bar)
+
+  monkeypatch.setattr(runner_lib.TaskRunner, "_train_seed", train_seed)
+  args = BASE + ["--optimizers", "sgd", "--seeds", "2", "--out", str(out)]
+  with pytest.raises(KeyboardInterrupt):
+    _main(args)
+  assert trained == [("adam", 0), ("adam", 1), ("sgd", 0)]
+  stopped = _load(out)
+  assert stopped["complete"] is False
+  assert [c["seed"] for c in stopped["optimizers"]["adam"]["curves"]] == [0, 1]
+  assert [c["seed"] for c in stopped["optimizers"]["sgd"]["curves"]] == [0]
+  assert "**partial run**" in report.markdown_report(stopped)
+
+  trained.clear()
+  assert _main(args + ["--resume"]) == 0
+  # Only the missing seed trained; the finished ones are kept as they were.
+  assert trained == [("sgd", 1)]
+  done = _load(out)
+  assert done["complete"] is True
+  assert len(done["environments"]) == 2
+  assert [c["seed"] for c in done["optimizers"]["sgd"]["curves"]] == [0, 1]
+  assert done["optimizers"]["sgd"]["curves"][0] == (
+      stopped["optimizers"]["sgd"]["curves"][0])
+  assert done["optimizers"]["adam"]["curves"] == (
+      stopped["optimizers"]["adam"]["curves"])
+  assert done["wall_s"] > stopped["wall_s"]
+  assert "resumed: `python -m optax_soaa.bench" in report.markdown_report(done)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+  out = tmp_path / "run"
+  _main(BASE + ["--optimizers", "adam", "--out", str(out)])
+  with pytest.raises(SystemExit, match="num_steps"):
+    _main(["--steps", "8"] + BASE[2:] + ["--optimizers", "adam", "--out",
+                                         str(out), "--resume"])
+
+
+# -- tuned mode -------------------------------------------------------------------
+
+
+def test_tuned_mode_takes_the_sweeps_picked_values(tmp_path, monkeypatch):
+  sweep = tmp_path / "sweep"
+  _main(BASE + ["--optimizers", "soaa", "--out", str(sweep)])
+  with pytest.raises(SystemExit, match="no tuned value for adam, soaa"):
+    _main(BASE + ["--optimizers", "soaa", "--tuned", "--out",
+                  str(tmp_path / "x")])
+  tuned = tmp_path / "tuned"
+  # An unavailable optimizer needs no tuned value: it is listed as such.
+  monkeypatch.setitem(opt_lib.REGISTRY, "kfac", dataclasses.replace(
+      opt_lib.REGISTRY["kfac"], available=lambda: "not installed here"))
+  _main(BASE + ["--optimizers", "soaa", "kfac", "--tuned", "--seeds", "2",
+                "--tuned-from", str(sweep / report.RESULTS_FILE),
+                "--out", str(tuned)])
+  picked, got = _load(sweep), _load(tuned)
+  assert got["optimizers"]["kfac"]["status"] == "unavailable"
+  assert got["mode"] == "tuned" and got["seeds"] == [0, 1]
+  for name in ("adam", "soaa"):
+    r = got["optimizers"][name]
+    assert r["values"] == [pytest.approx(picked["optimizers"][name]["best_value"])]
+    assert "picked by the sweep" in r["value_source"]
+    assert len(r["curves"]) == 2
+    assert np.asarray(r["curves"][0]["test_loss"]).shape[1] == 1
+  md = report.markdown_report(got)
+  assert "mode: **tuned**" in md and "| tuned value |" in md
+  assert "mean ± sd (n=2)" in md
+
+
+# -- epochs -----------------------------------------------------------------------
+
+
+def _fake_fmnist(directory, n_train, n_test):
+  rng = np.random.default_rng(0)
+  directory.mkdir()
+  for stem, n in (("train", n_train), ("t10k", n_test)):
+    _write_idx(directory / f"{stem}-images-idx3-ubyte.gz",
+               rng.integers(0, 256, (n, 28, 28), np.uint8), True)
+    _write_idx(directory / f"{stem}-labels-idx1-ubyte.gz",
+               rng.integers(0, 10, (n,), np.uint8), True)
+
+
+def test_epochs_set_steps_and_milestones(tmp_path):
+  _fake_fmnist(tmp_path / "fm", n_train=4 * 255 + 7, n_test=20)
+  task = tasks_lib.make_task("fmnist-cnn", epochs=3, data_dir=tmp_path / "fm")
+  assert task.steps_per_epoch == 4  # the partial batch is dropped
+  assert task.num_steps == 12 and task.eval_every == 3
+  assert task.milestones == (6, 9)  # 1/2 and 3/4 of training
+  assert task.describe()["epochs"] == 3
+  assert task.describe()["eval_sizes"] == {"train": 4 * 255 + 7, "test": 20}
+  # The tuned mode's published values: the arTuRO authors' configs.
+  assert task.tuned["adam"][0] == tasks_lib.ADAM_FMNIST["lr"]
+  assert task.tuned["adamw"][0] == tasks_lib.ADAMW_FMNIST["lr"]
+  assert task.tuned["sgd"][0] == tasks_lib.SGD_FMNIST["lr"]
+  assert task.tuned["arturo"][0] == tasks_lib.ARTURO_FMNIST["kl_bound"]
+  assert "ALRhub/arturo" in task.tuned["adam"][1]
+  assert bench.tuned_values(task, ["adam", "arturo"], None) == {
+      k: task.tuned[k] for k in ("adam", "arturo")}
+  with pytest.raises(SystemExit, match="no tuned value for soaa"):
+    bench.tuned_values(task, ["adam", "soaa"], None)
+  assert tasks_lib.milestones_at_fractions(28200) == (14100, 21150)
+  digits = tasks_lib.make_task("digits-mlp", epochs=2)
+  assert digits.num_steps == 2 * digits.steps_per_epoch
+  with pytest.raises(ValueError, match="either steps or epochs"):
+    tasks_lib.make_task("digits-mlp", steps=4, epochs=1)
+  with pytest.raises(ValueError, match="epochs"):
+    tasks_lib.make_task("lm", quick=True, epochs=1)
+  with pytest.raises(SystemExit):  # argparse: mutually exclusive
+    bench.build_parser().parse_args(["--steps", "4", "--epochs", "1"])
+
+
+def test_adafisher_refresh_period_per_task(tmp_path):
+  # Classification: the library default (the authors' image TCov); lm: the
+  # authors' language-model script's TCov.
+  assert "stats_every" not in tasks_lib.make_task("digits-mlp", steps=4).hp[
+      "adafisher"]
+  path = tmp_path / "text.py"
+  path.write_bytes(bytes(range(32, 127)) * 40)
+  lm = tasks_lib.make_task("lm", quick=True, steps=4, text_file=str(path))
+  assert lm.hp["adafisher"]["stats_every"] == 10
+  assert lm.hp["adafisherw"]["stats_every"] == 10
+  text = report.protocol_text()
+  assert "every 100 steps" in text and "every 10 steps on `lm`" in text
+
+
+# -- execution plans ------------------------------------------------------------
+
+
+def test_vmapped_and_sequential_plans_agree():
+  task = tasks_lib.make_task("digits-mlp", steps=4, factors=(0.5, 2.0))
+  spec = opt_lib.REGISTRY["soaa-variance"]
+  timing = dict(step_time_s=1.0, step_time_ratio=1.0, state_bytes=1,
+                timing_wall_s=0.0)
+  out = {}
+  for execution in ("vmap", "sequential"):
+    runner = runner_lib.TaskRunner(task, progress=False, execution=execution)
+    out[execution] = runner.run(spec, timing=timing)
+    assert out[execution]["status"] == "ok", out[execution].get("reason")
+  a, b = (out[k]["curves"][0] for k in ("vmap", "sequential"))
+  for key in ("test_loss", "train_accuracy", "batch_loss"):
+    np.testing.assert_allclose(np.asarray(a[key][1:], np.float64),
+                               np.asarray(b[key][1:], np.float64), rtol=2e-4)
+  np.testing.assert_allclose(a["per_step"]["dt"], b["per_step"]["dt"],
+                             rtol=2e-4)
+  assert runner_lib.resolve_execution("auto", "cpu") == "sequential"
+  assert runner_lib.resolve_execution("auto", "gpu") == "vmap"
+  with pytest.raises(ValueError, match="execution"):
+    runner_lib.resolve_execution("fast")
+
+
+def test_arturo_eta_and_bisection_steps_recorded():
+  task = tasks_lib.make_task("digits-mlp", steps=4, factors=(1.0,))
+  runner = runner_lib.TaskRunner(task, progress=False)
+  r = runner.run(opt_lib.REGISTRY["arturo"], timing=dict(
+      step_time_s=1.0, step_time_ratio=1.0, state_bytes=1, timing_wall_s=0.0))
+  per_step = r["curves"][0]["per_step"]
+  eta = np.asarray(per_step["eta"])
+  steps = np.asarray(per_step["bisection_steps"])
+  assert eta.shape == steps.shape == (4, 1)
+  assert (eta > 0).all() and (steps >= 0).all()
+  np.testing.assert_array_equal(steps, np.round(steps))
+  payload = dict(mode="sweep", seeds=[0], optimizers={"arturo": r})
+  runner_lib.summarize(payload["optimizers"], task)
+  assert "`arturo` took" in report.diagnostics_summary(payload)
+
+
+# -- K-FAC ------------------------------------------------------------------------
+
+
+class _FakeKfac:
+  """The part of kfac_jax's API the benchmark uses: momentum SGD behind it.
+
+  Records what the adapter passes, to check the wiring without kfac-jax.
+  """
+
+  __version__ = "fake"
+
+  def __init__(self):
+    self.registered, self.calls = [], []
+    fake = self
+
+    class Optimizer:
+
+      def __init__(self, value_and_grad_func, l2_reg, value_func_has_rng,
+                   num_burnin_steps, **kwargs):
+        assert value_func_has_rng and l2_reg == 0.0
+        assert not kwargs["use_adaptive_learning_rate"]
+        self.vg, self.burnin = value_and_grad_func, num_burnin_steps
+
+      def init(self, params, rng, batch):
+        del rng, batch
+        return jax.tree.map(jnp.zeros_like, params)
+
+      def step(self, params, state, rng, data_iterator=None, batch=None,
+               learning_rate=None, momentum=None, global_step_int=None):
+        if data_iterator is not None:
+          burn = [next(data_iterator) for _ in range(self.burnin)]
+          batch = next(data_iterator)
+          fake.calls.append(("burnin", len(burn)))
+        loss, grads = self.vg(params, rng, batch)
+        state = jax.tree.map(lambda m, g: momentum * m + g, state, grads)
+        params = jax.tree.map(lambda p, m: p - learning_rate * m, params, state)
+        fake.calls.append(("step", global_step_int, float(learning_rate)))
+        return params, state, dict(loss=loss, damping=jnp.asarray(1e-3))
+
+    self.Optimizer = Optimizer
+
+  def register_softmax_cross_entropy_loss(self, logits, targets, weight):
+    self.registered.append((logits.shape, targets.shape, weight))
+
+
+def test_kfac_unavailable_when_not_installed(monkeypatch):
+  def missing():
+    raise ImportError("No module named 'kfac_jax'")
+
+  monkeypatch.setattr(kfac_baseline, "_import", missing)
+  kfac_baseline.unavailable_reason.cache_clear()
+  try:
+    reason = opt_lib.REGISTRY["kfac"].available()
+    assert "kfac-jax is not installed" in reason and "`kfac` extra" in reason
+    task = tasks_lib.make_task("digits-mlp", steps=4)
+    r = runner_lib.TaskRunner(task, progress=False).run(opt_lib.REGISTRY["kfac"])
+    assert r["status"] == "unavailable" and r["reason"] == reason
+  finally:
+    kfac_baseline.unavailable_reason.cache_clear()
+
+
+def test_kfac_runs_through_its_own_optimizer_api(monkeypatch):
+  fake = _FakeKfac()
+  monkeypatch.setattr(kfac_baseline, "_import", lambda: fake)
+  kfac_baseline.unavailable_reason.cache_clear()
+  try:
+    assert opt_lib.REGISTRY["kfac"].available() is None
+    task = tasks_lib.make_task("digits-mlp", steps=8, factors=(1.0, 4.0))
+    task.milestones = (4,)
+    runner = runner_lib.TaskRunner(task, progress=False, timing_pairs=1)
+    fake.calls.clear()
+    r = runner.run(opt_lib.REGISTRY["kfac"])
+  finally:
+    kfac_baseline.unavailable_reason.cache_clear()
+  assert r["status"] == "ok", r.get("reason")
+  assert r["execution"] == "sequential"
+  # Burn-in once per member, at its first step, then one step per batch.
+  steps = [c for c in fake.calls if c[0] == "step"]
+  members = [s for s in steps if s[1] == 0]
+  assert fake.calls.count(("burnin", 5)) >= 2
+  # The swept learning rate times the task's step schedule (x0.1 at step 4).
+  lr = task.centers["adam"]
+  trained = steps[-16:]
+  np.testing.assert_allclose([s[2] for s in trained[:8]],
+                             [lr] * 4 + [lr * 0.1] * 4, rtol=1e-6)
+  assert [s[1] for s in trained[:8]] == list(range(8))
+  assert len(members) >= 2
+  assert fake.registered[0][2] == 1.0  # classification: weight 1
+  test = np.asarray(r["curves"][0]["test_loss"], np.float64)
+  assert test.shape == (5, 2) and (test[-1] < test[0]).all()
+  assert np.asarray(r["curves"][0]["per_step"]["damping"]).shape == (8, 2)
+
+
+def test_real_kfac_trains_digits():
+  # Probed here, not at collection: the probe compiles a small K-FAC step.
+  reason = kfac_baseline.unavailable_reason()
+  if reason is not None:
+    pytest.skip(reason)
+  task = tasks_lib.make_task("digits-mlp", steps=4, factors=(1.0,))
+  r = runner_lib.TaskRunner(task, progress=False, timing_pairs=1).run(
+      opt_lib.REGISTRY["kfac"])
+  assert r["status"] == "ok", r.get("reason")
+  test = np.asarray(r["curves"][0]["test_loss"], np.float64)
+  assert np.isfinite(test).all()
+
+
+def test_plan_prints_the_expected_wall_time_and_trains_nothing(
+    tmp_path, capsys):
+  out = tmp_path / "run"
+  assert bench.main(BASE + ["--optimizers", "adam", "--out", str(out),
+                            "--plan"]) == 0
+  err = capsys.readouterr().err
+  assert "adam:" in err and "ms/step" in err
+  assert "expected wall time about" in err
+  assert not out.exists()
