@@ -182,6 +182,13 @@ def _check_resumable(previous: Dict[str, Any], task_desc: Dict[str, Any],
         " give another --out or the same options")
 
 
+def _out_dir(name: str, args: argparse.Namespace) -> pathlib.Path:
+  """Where a task's results go: --out, <out>/<task> with several tasks."""
+  if args.out and len(args.tasks_list) > 1:
+    return pathlib.Path(args.out) / name
+  return pathlib.Path(args.out or pathlib.Path("bench_results") / name)
+
+
 def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
              argv: Sequence[str]) -> dict:
   t_start = time.perf_counter()
@@ -204,9 +211,7 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
   runner = runner_lib.TaskRunner(task, seeds=seeds, timing_pairs=pairs,
                                  progress=not args.no_progress,
                                  execution=args.execution)
-  out = pathlib.Path(args.out) / name if (
-      args.out and len(args.tasks_list) > 1) else pathlib.Path(
-          args.out or pathlib.Path("bench_results") / name)
+  out = _out_dir(name, args)
   if not args.plan:
     out.mkdir(parents=True, exist_ok=True)
   path = out / report.RESULTS_FILE
@@ -338,10 +343,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
   payloads = []
+  plot_dirs = []  # Where each payload's plots are, for BENCHMARKS.md.
   if args.from_results:
     for path in args.from_results:
       payload = report.load_json(path)
       out = pathlib.Path(path).parent
+      plot_dirs.append(out)
       table = report.markdown_report(payload)
       if os.access(out, os.W_OK):  # re-render the table and plots beside it
         (out / report.TABLE_FILE).write_text(table)
@@ -368,9 +375,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for t in args.tasks_list:
       payloads.append(run_task(t, args, optimizers,
                                ["python", "-m", "optax_soaa.bench"] + argv))
+      plot_dirs.append(_out_dir(t, args))
   if args.write_benchmarks_md:
     path = pathlib.Path(args.write_benchmarks_md)
-    path.write_text(report.benchmarks_md(payloads, notes=args.note))
+    path.write_text(report.benchmarks_md(
+        payloads, notes=args.note, plot_dirs=plot_dirs,
+        relative_to=path.parent))
     print(f"[bench] wrote {path}", file=sys.stderr)
   return 0
 

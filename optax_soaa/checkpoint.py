@@ -116,6 +116,21 @@ def save(
     opt_state: the optimizer state returned by ``tx.init``/``tx.update``.
     step: optional training step (e.g. the index of the next batch).
     force: overwrite an existing checkpoint.
+
+  Examples:
+    >>> import os, tempfile, jax, jax.numpy as jnp, optax_soaa
+    >>> from optax_soaa import checkpoint
+    >>> tx = optax_soaa.soaa(1e-3, total_steps=100)
+    >>> params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    >>> opt_state = tx.init(params)
+    >>> path = os.path.join(tempfile.mkdtemp(), "step_10")
+    >>> checkpoint.save(path, params, opt_state, step=10)
+    >>> # Later, in a fresh process: targets from the same model and optimizer.
+    >>> params_like = jax.eval_shape(lambda: {"w": jnp.zeros((2, 3))})
+    >>> state_like = jax.eval_shape(tx.init, params_like)
+    >>> params, opt_state, step = checkpoint.restore(path, params_like, state_like)
+    >>> step, type(opt_state[0]).__name__
+    (10, 'SOAAState')
   """
   ocp = _orbax()
   path = os.path.abspath(directory)

@@ -11,6 +11,7 @@ test is skipped, saying why, when Chromium is not installed).
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,23 @@ def site(tmp_path_factory):
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
   return out
+
+
+def test_getting_started_code_runs():
+  """The page's Python blocks, in order, in one namespace (as a reader would
+  paste them), run without error and train."""
+  blocks = re.findall(r"```python\n(.*?)```",
+                      (DOCS / "getting_started.md").read_text(), re.S)
+  assert len(blocks) >= 3
+  namespace = {}
+  for block in blocks:
+    exec(compile(block, "docs/getting_started.md", "exec"), namespace)  # pylint: disable=exec-used
+  first = namespace["loss_fn"](
+      {"w1": 0.5 * namespace["jax"].random.normal(namespace["k1"], (4, 16)),
+       "b1": namespace["jnp"].zeros(16),
+       "w2": 0.5 * namespace["jax"].random.normal(namespace["k2"], (16, 1))},
+      namespace["x"], namespace["y"])
+  assert float(namespace["loss"]) < 0.1 * float(first)
 
 
 def _public_names():

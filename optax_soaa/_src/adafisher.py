@@ -470,21 +470,32 @@ def adafisher(
     one params-sized momentum (two with ``fallback="adam"``) plus those
     vectors.
 
-  Example (any JAX model; Flax Linen here)::
-
-    import jax, optax, optax_soaa
-
-    opt = optax_soaa.adafisher(1e-3)
-    state = opt.init(params)
-    loss_grads_stats = optax_soaa.value_grad_and_stats(
-        lambda p, x, y: loss_fn(model.apply({"params": p}, x), y))
-
-    @jax.jit
-    def step(params, state, x, y):
-      loss, grads, extras = loss_grads_stats(
-          params, x, y, stats_due=optax_soaa.stats_due(state))
-      updates, state = opt.update(grads, state, params, **extras)
-      return optax.apply_updates(params, updates), state, loss
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_soaa
+    >>> def loss_fn(params, x, y):  # Any JAX model: a plain-JAX MLP here.
+    ...   h = jnp.tanh(x @ params["w1"] + params["b1"])
+    ...   return jnp.mean((h @ params["w2"] - y) ** 2)
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"w1": 0.5 * jax.random.normal(k1, (4, 16)),
+    ...           "b1": jnp.zeros(16),
+    ...           "w2": 0.5 * jax.random.normal(k2, (16, 1))}
+    >>> x = jax.random.normal(k3, (64, 4))
+    >>> y = jnp.sin(x[:, :1])
+    >>> opt = optax_soaa.adafisher(1e-3)
+    >>> state = opt.init(params)
+    >>> loss_grads_stats = optax_soaa.value_grad_and_stats(loss_fn)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   # Statistics only on the steps that refresh AdaFisher's averages.
+    ...   loss, grads, extras = loss_grads_stats(
+    ...       params, x, y, stats_due=optax_soaa.stats_due(state))
+    ...   updates, state = opt.update(grads, state, params, **extras)
+    ...   return optax.apply_updates(params, updates), state, loss
+    >>> first = loss_fn(params, x, y)
+    >>> for _ in range(100):
+    ...   params, state, loss = step(params, state)
+    >>> bool(loss < 0.05 * first)
+    True
 
   Args:
     learning_rate: α, a float or an optax schedule.
@@ -545,11 +556,23 @@ def adafisherw(
   so the decay is scaled by α only, not by ``1 / F̃`` (the authors'
   ``AdaFisherW``).
 
-  Example::
-
-    opt = optax_soaa.adafisherw(1e-3, weight_decay=1e-4)
-    loss, grads, extras = optax_soaa.value_grad_and_stats(loss_fn)(params, x, y)
-    updates, state = opt.update(grads, opt.init(params), params, **extras)
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_soaa
+    >>> def loss_fn(params, x, y):  # Any JAX model: a plain-JAX MLP here.
+    ...   h = jnp.tanh(x @ params["w1"] + params["b1"])
+    ...   return jnp.mean((h @ params["w2"] - y) ** 2)
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"w1": 0.5 * jax.random.normal(k1, (4, 16)),
+    ...           "b1": jnp.zeros(16),
+    ...           "w2": 0.5 * jax.random.normal(k2, (16, 1))}
+    >>> x = jax.random.normal(k3, (64, 4))
+    >>> y = jnp.sin(x[:, :1])
+    >>> opt = optax_soaa.adafisherw(1e-3, weight_decay=1e-4)
+    >>> loss, grads, extras = optax_soaa.value_grad_and_stats(loss_fn)(
+    ...     params, x, y)
+    >>> sorted(extras)  # What every optimizer of this library may take.
+    ['stats', 'value']
+    >>> updates, state = opt.update(grads, opt.init(params), params, **extras)
 
   Args:
     learning_rate: α, a float or an optax schedule.

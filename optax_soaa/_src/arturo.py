@@ -434,23 +434,30 @@ def arturo(
   are laid out (and what ``levels_per_pass`` and ``chunk_size`` change) is
   described in the repository's ``docs/internals.md``.
 
-  Example::
-
-    import jax, optax, optax_soaa
-
-    opt = optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax_soaa.arturo(0.0857, reg_weight=0.0587, prior_prec=0.0015,
-                          dynamic_model_noise=0.0174,
-                          measurement_noise=2.82, start_filter_cov=5e-5,
-                          nu=1.3))
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, batch):
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, state = opt.update(grads, state, params)
-      return optax.apply_updates(params, updates), state, loss
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_soaa
+    >>> def loss_fn(params, x, y):
+    ...   return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+    >>> x = jax.random.normal(jax.random.key(0), (64, 3))
+    >>> y = x @ jnp.array([[1.0], [-2.0], [0.5]]) + 0.3
+    >>> params = {"w": jnp.zeros((3, 1)), "b": jnp.zeros((1,))}
+    >>> opt = optax.chain(
+    ...     optax.clip_by_global_norm(1.0),
+    ...     optax_soaa.arturo(0.0857, reg_weight=0.0587, prior_prec=0.0015,
+    ...                       dynamic_model_noise=0.0174,
+    ...                       measurement_noise=2.82, start_filter_cov=5e-5,
+    ...                       nu=1.3))
+    >>> state = opt.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    ...   updates, state = opt.update(grads, state, params)
+    ...   return optax.apply_updates(params, updates), state, loss
+    >>> for _ in range(300):
+    ...   params, state, loss = step(params, state)
+    >>> bool(loss < 1e-2)
+    True
+    >>> eta = optax.tree.get(state, "eta")  # The dual variable of the KL bound.
 
   Args:
     kl_bound: ε > 0, a float or an optax schedule of the step count.

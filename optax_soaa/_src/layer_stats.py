@@ -92,7 +92,7 @@ class LayerStats:
     same ``h``: its min-max normalisation runs over the whole vector, bias
     entry included, as the reference code does.
   * ``stack_axes``, ``in_axes``, ``out_axes`` (static): the leaf's
-    :class:`LayerLayout`; all ``None`` means :func:`default_layout`
+    :class:`LayerLayout`; all ``None`` means the default layout
     (``(..., in, out)``).
   * ``kind`` (static): the layer it came from (``"dense"``, ``"conv"``,
     ``"layer_norm"``, ``"batch_norm"``), or ``""`` when built by hand.
@@ -1303,6 +1303,22 @@ def value_grad_and_stats(
     each layer's square-and-sum conditional (``lax.cond``) around a shared
     forward and backward pass, so steps that do not refresh AdaFisher's
     running averages do not pay for statistics.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_soaa
+    >>> def loss_fn(params, x, y):
+    ...   h = jax.nn.relu(x @ params["w1"] + params["b1"])
+    ...   return jnp.mean((h @ params["w2"] - y) ** 2)
+    >>> params = {"w1": jnp.ones((3, 4)), "b1": jnp.zeros(4),
+    ...           "w2": jnp.ones((4, 1))}
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+    >>> loss, grads, extras = optax_soaa.value_grad_and_stats(loss_fn)(
+    ...     params, x, y)
+    >>> stats = extras["stats"]
+    >>> stats["w1"].h.shape, stats["w1"].s.shape  # [x, 1]² and δ², per feature.
+    ((4,), (4,))
+    >>> bool(jnp.allclose(stats["w1"].h, jnp.array([1.0, 1.0, 1.0, 1.0])))
+    True
   """
   kinds = _check_layers(layers)
 
@@ -1370,6 +1386,25 @@ def describe_stats(
   (kernel / bias; scale / bias of a normalisation layer), its
   :class:`LayerLayout` and the number of calls, or the reason it has none
   (those leaves use the optimizer's fallback).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_soaa
+    >>> def loss_fn(params, tokens):
+    ...   x = params["embed"][tokens]  # An embedding lookup.
+    ...   mean = x.mean(-1, keepdims=True)  # A LayerNorm, written out.
+    ...   x = (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True)
+    ...                             + 1e-6)
+    ...   x = x * params["scale"] + params["bias"]
+    ...   return jnp.mean((x @ params["w"]) ** 2)  # A dense layer.
+    >>> params = {"embed": jnp.ones((10, 8)), "scale": jnp.ones(8),
+    ...           "bias": jnp.zeros(8), "w": jnp.ones((8, 2))}
+    >>> print(optax_soaa.describe_stats(loss_fn, params, jnp.zeros((2, 3), int)))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    ['bias']   (8,)             layer_norm bias: in () out (0,), 1 call
+    ['embed']  (10, 8)          fallback: used by gather (an embedding lookup or a slice): no layer statistics
+    ['scale']  (8,)             layer_norm scale: in () out (0,), 1 call
+    ['w']      (8, 2)           dense kernel: in (0,) out (1,), 1 call
+    3 of 4 leaves have statistics.
   """
   kinds = _check_layers(layers)
   plan, *_ = _trace(fun, has_aux, params, args, kwargs, kinds)

@@ -107,19 +107,22 @@ def state_shardings(
   state's tree structure and can be given to ``jax.jit`` as
   ``out_shardings`` / ``in_shardings`` or to ``jax.device_put``.
 
-  Example (FSDP on a ``('data', 'fsdp')`` mesh)::
+  Examples:
+    FSDP: each parameter's last axis split over the ``"fsdp"`` axis of a
+    mesh of every device (one device here; the same code runs on many).
 
-    params = jax.device_put(params, param_shardings)
-    opt = optax_soaa.soaa(1e-3, total_steps=1000)
-    opt_shardings = optax_soaa.state_shardings(opt, params)
-    opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
-
-    @functools.partial(jax.jit,
-                       out_shardings=(param_shardings, opt_shardings, None))
-    def step(params, opt_state, batch):
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, opt_state = opt.update(grads, opt_state, params, value=loss)
-      return optax.apply_updates(params, updates), opt_state, loss
+    >>> import jax, jax.numpy as jnp, numpy as np, optax_soaa
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    >>> param_shardings = {"w": NamedSharding(mesh, P(None, "fsdp"))}
+    >>> params = jax.device_put({"w": jnp.ones((4, 8))}, param_shardings)
+    >>> opt = optax_soaa.soaa(1e-3, total_steps=1000)
+    >>> opt_shardings = optax_soaa.state_shardings(opt, params)
+    >>> opt_shardings[0].mu["w"].spec == P(None, "fsdp")  # Laid out like w.
+    True
+    >>> opt_shardings[0].dt.spec == P()  # Trust-region scalars: replicated.
+    True
+    >>> opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
 
   Args:
     optimizer: an optax ``GradientTransformation`` (or its ``init``

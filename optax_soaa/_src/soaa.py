@@ -404,19 +404,28 @@ def soaa(
   ``chunk_size`` changes) is described in the repository's
   ``docs/internals.md``.
 
-  Example::
-
-    import jax, optax, optax_soaa
-
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax_soaa.soaa(1e-3, total_steps=10_000))
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, batch):
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, state = opt.update(grads, state, params, value=loss)
-      return optax.apply_updates(params, updates), state, loss
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_soaa
+    >>> def loss_fn(params, x, y):
+    ...   return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+    >>> x = jax.random.normal(jax.random.key(0), (64, 3))
+    >>> y = x @ jnp.array([[1.0], [-2.0], [0.5]]) + 0.3
+    >>> params = {"w": jnp.zeros((3, 1)), "b": jnp.zeros((1,))}
+    >>> opt = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                   optax_soaa.soaa(1e-2, total_steps=500))
+    >>> state = opt.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    ...   updates, state = opt.update(grads, state, params, value=loss)
+    ...   return optax.apply_updates(params, updates), state, loss
+    >>> for _ in range(500):
+    ...   params, state, loss = step(params, state)
+    >>> bool(loss < 1e-3)
+    True
+    >>> dt = optax.tree.get(state, "dt")  # The trust region, in the state.
+    >>> bool(0.9 <= dt <= 2.0)
+    True
 
   Args:
     learning_rate: α, a float or an optax schedule.

@@ -523,10 +523,23 @@ def protocol_text() -> str:
 
 
 def benchmarks_md(payloads: Sequence[Dict[str, Any]],
-                  notes: Sequence[str] = ()) -> str:
+                  notes: Sequence[str] = (),
+                  plot_dirs: Sequence[Optional[pathlib.Path]] = (),
+                  relative_to: Optional[pathlib.Path] = None) -> str:
+  """BENCHMARKS.md: the protocol, then each payload's table and plots.
+
+  `plot_dirs[i]` is where payload i's plots are; links are written relative
+  to `relative_to` (the directory of the written file).
+  """
   parts = [protocol_text(), "## Results\n"]
   if notes:
     parts.append("\n".join(f"- Note: {n}" for n in notes) + "\n")
-  for p in payloads:
+  for i, p in enumerate(payloads):
     parts.append(markdown_report(p, heading_level=3))
+    plot_dir = plot_dirs[i] if i < len(plot_dirs) else None
+    if plot_dir is not None:
+      base = pathlib.Path(os.path.relpath(plot_dir, relative_to or "."))
+      parts.append("\n".join(
+          f"![{name[:-4]}]({(base / name).as_posix()})"
+          for name in PLOT_FILES if (plot_dir / name).is_file()) + "\n")
   return "\n".join(parts).rstrip() + "\n"

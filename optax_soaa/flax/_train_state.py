@@ -19,16 +19,24 @@ class TrainState(train_state.TrainState):
   the state (``value``, ``stats``, ...) go to ``tx.update``; names of fields
   still replace those fields, as in Flax.
 
-  Example::
-
-    state = optax_soaa.flax.TrainState.create(
-        apply_fn=model.apply, params=params,
-        tx=optax_soaa.soaa(1e-3, total_steps=1000))
-
-    @jax.jit
-    def step(state, batch):
-      loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
-      return state.apply_gradients(grads=grads, value=loss), loss
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax_soaa.flax
+    >>> model = nn.Dense(1)
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+    >>> state = optax_soaa.flax.TrainState.create(
+    ...     apply_fn=model.apply,
+    ...     params=model.init(jax.random.key(0), x)["params"],
+    ...     tx=optax_soaa.soaa(1e-2, total_steps=100))
+    >>> @jax.jit
+    ... def step(state):
+    ...   def loss_fn(params):
+    ...     return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2)
+    ...   loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    ...   return state.apply_gradients(grads=grads, value=loss), loss
+    >>> for _ in range(3):
+    ...   state, loss = step(state)
+    >>> int(state.step)
+    3
   """
 
   def apply_gradients(self, *, grads: Any, **kwargs: Any) -> "TrainState":
