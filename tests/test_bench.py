@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax_soaa
+
 from optax_soaa import bench
 from optax_soaa.benchmarks import optimizers as opt_lib
 from optax_soaa.benchmarks import report
@@ -219,17 +221,17 @@ def test_grad_fn_passes_each_optimizers_extra_args():
   batch = (jnp.asarray(task.train_x[:16]), jnp.asarray(task.train_y[:16]))
   rng = jax.random.key(1)
 
-  def probe(name):
+  def probe(name, opt_state=None):
     grad_fn = runner_lib.make_grad_fn(opt_lib.REGISTRY[name], task.loss_fn)
 
     @jax.jit
-    def f(params):
-      loss, _, extra = grad_fn(params, batch, rng)
+    def f(params, opt_state):
+      loss, _, extra = grad_fn(params, opt_state, batch, rng)
       # Callables cannot leave jit: evaluate them here.
       return loss, {k: v(params) if callable(v) else v
                     for k, v in extra.items()}
 
-    return f(params)
+    return f(params, opt_state)
 
   loss, extra = probe("soaa-variance")
   assert set(extra) == {"value"} and extra["value"] == loss
@@ -237,6 +239,16 @@ def test_grad_fn_passes_each_optimizers_extra_args():
   assert set(extra) == {"obj_fn"}
   assert float(extra["obj_fn"]) == pytest.approx(float(loss), rel=1e-6)
   assert probe("adam")[1] == {}
+  # AdaFisher: statistics on its refresh steps only (stats_due of the state).
+  tx = optax_soaa.adafisher(1e-3, stats_every=2)
+  state = tx.init(params)
+  loss, extra = probe("adafisher", state)
+  assert set(extra) == {"value", "stats"}
+  assert float(jnp.sum(extra["stats"]["Dense_0"]["kernel"].s)) > 0
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params,
+                       **extra)
+  _, extra = probe("adafisher", state)  # Step 2 does not refresh: zeros.
+  assert float(jnp.sum(extra["stats"]["Dense_0"]["kernel"].s)) == 0
 
 
 @pytest.mark.parametrize("scale,gamma", [("adam", 0.1), ("sgd", 0.1),

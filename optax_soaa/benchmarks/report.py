@@ -466,8 +466,11 @@ Regenerate with
   AdaFisher(W) refreshes its curvature statistics every {stats_every} steps
   on the classification tasks (the library default, the authors' TCov for
   image classification) and every {lm_stats_every} steps on `lm` (the default
-  of the authors' language-model script), AdaFisherW uses AdamW's weight decay; SGD's weight
-  decay is coupled (L2), as in PyTorch.
+  of the authors' language-model script), with the statistics computed only
+  on those steps (`optax_soaa.value_grad_and_stats` with
+  `stats_due=optax_soaa.stats_due(state)`, LayerNorms included);
+  AdaFisherW uses AdamW's weight decay; SGD's weight decay is coupled (L2),
+  as in PyTorch.
 - **Two modes; each table below names its mode.** *Sweep*: each optimizer
   gets the same factors (≥ 4, log-spaced) times its centre value: Adam's
   learning rate for every Adam-scale method (SOAA, AdaFisher(W), Sophia,

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax_soaa
 
 from optax_soaa.benchmarks import kfac_baseline
 from optax_soaa.benchmarks import optimizers as opt_lib
@@ -75,21 +76,25 @@ def resolve_execution(execution: str, backend: Optional[str] = None) -> str:
 
 
 def make_grad_fn(spec: opt_lib.OptimizerSpec, loss_fn: Callable[..., Any]):
-  """(params, batch, rng) -> (loss, grads, extra keyword args of `update`)."""
+  """(params, opt_state, batch, rng) -> (loss, grads, extra args of `update`).
+
+  AdaFisher's layer statistics come from `optax_soaa.value_grad_and_stats`,
+  computed only on the steps where the optimizer state says they are due
+  (its refresh steps), as a user's train step would.
+  """
   if opt_lib.STATS in spec.extra_args:
-    from optax_soaa import flax as oflax  # pylint: disable=g-import-not-at-top
+    value_grad_stats = optax_soaa.value_grad_and_stats(loss_fn)
 
-    value_grad_stats = oflax.value_grad_and_stats(loss_fn)
-
-    def with_stats(params, batch, rng):
-      loss, grads, stats = value_grad_stats(params, batch, rng)
-      return loss, grads, {"stats": stats}
+    def with_stats(params, opt_state, batch, rng):
+      return value_grad_stats(params, batch, rng,
+                              stats_due=optax_soaa.stats_due(opt_state))
 
     return with_stats
 
   value_and_grad = jax.value_and_grad(loss_fn)
 
-  def plain(params, batch, rng):
+  def plain(params, opt_state, batch, rng):
+    del opt_state
     loss, grads = value_and_grad(params, batch, rng)
     extra = {}
     if opt_lib.VALUE in spec.extra_args:
@@ -155,7 +160,8 @@ class _OptaxPlan:
     def member_step(params, opt_state, value, data, idx, step, key):
       batch = task.get_batch(data, idx)
       opt_state = _set_hyperparam(opt_state, swept, value * multiplier(step))
-      loss, grads, extra = grad_fn(params, batch, jax.random.fold_in(key, step))
+      loss, grads, extra = grad_fn(params, opt_state, batch,
+                                   jax.random.fold_in(key, step))
       updates, opt_state = injected.update(grads, opt_state, params, **extra)
       diag = {n: optax.tree.get(opt_state, n) for n in names}
       return optax.apply_updates(params, updates), opt_state, loss, diag
@@ -491,7 +497,7 @@ class TaskRunner:
 
   def _optax_stepper(self, tx, grad_fn):
     def step(params, opt_state, batch, rng):
-      loss, grads, extra = grad_fn(params, batch, rng)
+      loss, grads, extra = grad_fn(params, opt_state, batch, rng)
       updates, opt_state = tx.update(grads, opt_state, params, **extra)
       return optax.apply_updates(params, updates), opt_state, loss
 
