@@ -226,8 +226,7 @@ def scale_by_adafisher(
   utils.check_range("decay", decay, lower=0.0)
   utils.check_range("new_weight", new_weight, lower=0.0)
   utils.check_range("damping", damping, lower=0.0)
-  if not isinstance(stats_every, jax.Array):  # inject_hyperparams: arrays.
-    utils.check_positive_int("stats_every", stats_every)
+  utils.check_positive_int("stats_every", stats_every)
   utils.check_choice("fallback", fallback, FALLBACKS)
   utils.check_range(
       "fallback_b2", fallback_b2, lower=0.0, upper=1.0, upper_inclusive=False)
