@@ -15,24 +15,27 @@ Each file's source is parsed and changed in two places only, then run:
   ...]``), SOAA's names join that list. Without it SOAA would run with a
   fixed trust region and warn (``MissingValueWarning``).
 
-What is run, and why the rest is not:
+What is run, and why the rest is not (``SHARED`` below):
 
 * alias_test: ``test_optimization`` (10,000 steps on the parabola and the
   Rosenbrock function, float32 and complex64, gradients conjugated as optax's
   convention asks), ``test_optimizers_can_be_wrapped_in_inject_hyperparams``,
-  ``test_preserve_dtype``, ``test_state_shape_dtype_shard_stability``
-  (float16 to complex128) and ``test_gradient_accumulation`` (MultiSteps).
-  ``test_explicit_dtype`` is not parameterised by the list (it tests sgd and
-  adam); the L-BFGS tests are L-BFGS's.
-* _common_test: ``test_optimizers`` (30,000 steps in one ``lax.scan`` on four
-  targets, matrix and mixed trees included, after ``optax.tree.map_params``),
+  ``test_state_shape_dtype_shard_stability`` on float16, complex64 and
+  complex128, ``test_preserve_dtype`` and ``test_gradient_accumulation``
+  (MultiSteps) on bfloat16; their float32 and bfloat16 cases are this
+  library's own tests again (test_soaa.py, test_arturo.py,
+  test_adafisher.py). ``test_explicit_dtype`` is not parameterised by the
+  list (it tests sgd and adam); the L-BFGS tests are L-BFGS's.
+* _common_test: ``test_optimizers`` (30,000 steps in one ``lax.scan``, after
+  ``optax.tree.map_params``) on its matrix and mixed-tree targets (the
+  parabola and Rosenbrock ones ran above),
   ``test_optimizers_accept_extra_args`` (with its check that the second call
   does not recompile) and
   ``test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such``
   (which reads the ``learning_rate`` annotation: a real
   ``optax.ScalarOrSchedule``). Its inject_hyperparams, preserve-dtype,
-  MultiSteps and dtype-stability tests are alias_test's again on float
-  params only, so they are not run twice.
+  MultiSteps and dtype-stability tests are alias_test's on float params
+  only, so they are not run twice.
 
 Optimizer settings:
 

@@ -12,6 +12,7 @@ the train step.
 from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import optax
 
 PartitionSpec = jax.sharding.PartitionSpec
@@ -53,9 +54,10 @@ def _map_state_like_params(
   A state leaf mirrors a param when its key path ends with the param's key
   path (``[0].mu['dense']['kernel']`` ends with ``['dense']['kernel']``) and
   the two have the same shape (or, for a complex param, its shape and a
-  trailing axis of 2: arTuRO's (Re, Im) pairs); the longest such path wins. This finds the
-  copies of the params inside ``chain``, ``inject_hyperparams``, ``masked``
-  (whose state trees lack the masked-out leaves) and ``MultiSteps`` alike.
+  trailing axis of 2: arTuRO's (Re, Im) pairs); the longest such path wins.
+  This finds the copies of the params inside ``chain``,
+  ``inject_hyperparams``, ``masked`` (whose state trees lack the masked-out
+  leaves) and ``MultiSteps`` alike.
   Every other leaf gets ``default(leaf)``.
   """
   abstract_params = jax.tree.map(_abstract, params)
@@ -70,7 +72,7 @@ def _map_state_like_params(
         f"{len(annotation_leaves)} for {len(param_paths)} leaves."
     )
   by_path = {
-      tuple(path): (leaf.shape, annotation, jax.numpy.iscomplexobj(leaf))
+      tuple(path): (leaf.shape, annotation, jnp.iscomplexobj(leaf))
       for (path, leaf), annotation in zip(param_paths, annotation_leaves)
   }
 
