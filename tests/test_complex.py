@@ -298,3 +298,40 @@ def test_adafisher_with_statistics_converges_on_complex_regression(factory):
   stats = collect(params, x, y)[2]["stats"]
   assert stats["kernel"] is not None and stats["bias"] is not None
   chex.assert_trees_all_close(params, solution, atol=3e-2)
+
+
+ARTURO_KWARGS = dict(kl_bound=0.05, reg_weight=0.05, prior_prec=0.0015,
+                     dynamic_model_noise=0.017, measurement_noise=2.8,
+                     start_filter_cov=5e-5, nu=1.3, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("factory, kwargs", [
+    (optax_soaa.soaa, dict(learning_rate=0.1, total_steps=10, weight_decay=0.01)),
+    (optax_soaa.arturo, ARTURO_KWARGS),
+    (optax_soaa.adafisherw, dict(learning_rate=0.1, weight_decay=0.01,
+                                 fallback="adam")),
+], ids=["soaa", "arturo", "adafisherw"])
+@pytest.mark.filterwarnings("ignore:AdaFisher's update got no statistics")
+def test_inject_hyperparams_with_complex_params(factory, kwargs):
+  """optax.inject_hyperparams casts the hyperparameters to the params'
+  dtype, complex here: the optimizers take their real parts."""
+  params = _complex_params()
+  grads = jax.tree.map(lambda p: 0.5 * p + (0.2 - 0.1j), params)
+  injected = optax.inject_hyperparams(factory)(**kwargs)
+  plain = factory(**kwargs)
+  states = [injected.init(params), plain.init(params)]
+  for _ in range(3):
+    (u_inj, s_inj), (u_plain, s_plain) = [
+        jax.jit(opt.update)(grads, state, params, value=jnp.float32(1.0))
+        for opt, state in zip((injected, plain), states)]
+    states = [s_inj, s_plain]
+  assert states[0].hyperparams["weight_decay"].dtype == jnp.complex64
+  chex.assert_trees_all_close(u_inj, u_plain, rtol=1e-4)
+  chex.assert_trees_all_close(s_inj.inner_state, s_plain, rtol=1e-4)
+
+
+def test_a_complex_hyperparameter_must_be_real():
+  with pytest.raises(ValueError, match="`learning_rate` must be real"):
+    optax_soaa.soaa(jnp.asarray(0.1 + 0.1j), total_steps=3)
+  with pytest.raises(ValueError, match="`kl_bound` must be real"):
+    optax_soaa.arturo(**dict(ARTURO_KWARGS, kl_bound=jnp.asarray(0.1j)))

@@ -222,6 +222,10 @@ def scale_by_adafisher(
     ``stats=`` (a pytree like params whose leaves are :class:`LayerStats` or
     ``None``) and ignores other extra args.
   """
+  b1, decay, new_weight, damping, fallback_b2, fallback_eps = (
+      utils.real_hyperparams(
+          b1=b1, decay=decay, new_weight=new_weight, damping=damping,
+          fallback_b2=fallback_b2, fallback_eps=fallback_eps))
   utils.check_range("b1", b1, lower=0.0, upper=1.0, upper_inclusive=False)
   utils.check_range("decay", decay, lower=0.0)
   utils.check_range("new_weight", new_weight, lower=0.0)
@@ -369,6 +373,8 @@ def stats_due(opt_state: Any) -> Any:
 
 def _adafisher_chain(learning_rate, b1, decay, new_weight, damping, stats_every,
                      weight_decay, decoupled, **kwargs):
+  learning_rate, weight_decay = utils.real_hyperparams(
+      learning_rate=learning_rate, weight_decay=weight_decay)
   utils.check_schedule_or_nonneg("learning_rate", learning_rate)
   utils.check_range("weight_decay", weight_decay, lower=0.0)
   decay_weights = optax.add_decayed_weights(weight_decay)

@@ -215,6 +215,15 @@ def scale_by_arturo(
     An :class:`optax.GradientTransformationExtraArgs` whose state is an
     :class:`ArturoState`.
   """
+  (kl_bound, reg_weight, prior_prec, dynamic_model_noise, measurement_noise,
+   start_filter_cov, var_init, eta_tol, nu, weight_decay, max_eta) = (
+       utils.real_hyperparams(
+           kl_bound=kl_bound, reg_weight=reg_weight, prior_prec=prior_prec,
+           dynamic_model_noise=dynamic_model_noise,
+           measurement_noise=measurement_noise,
+           start_filter_cov=start_filter_cov, var_init=var_init,
+           eta_tol=eta_tol, nu=nu, weight_decay=weight_decay,
+           max_eta=max_eta))
   utils.check_schedule_or_nonneg("kl_bound", kl_bound, positive=True)
   for name, value in (
       ("reg_weight", reg_weight), ("prior_prec", prior_prec),

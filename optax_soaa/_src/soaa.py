@@ -189,6 +189,8 @@ def scale_by_soaa(
     loss at ``params`` as ``value=`` (optional) and ignores other extra args.
   """
   chunk_size = _chunk_size_option(chunk_size, reduction_chunk_size)
+  learning_rate, b1, b2, gamma, eps = utils.real_hyperparams(
+      learning_rate=learning_rate, b1=b1, b2=b2, gamma=gamma, eps=eps)
   utils.check_schedule_or_nonneg("learning_rate", learning_rate)
   utils.check_range("b1", b1, lower=0.0, upper=1.0, upper_inclusive=False)
   utils.check_range("b2", b2, lower=0.0, upper=1.0, upper_inclusive=False)
@@ -463,6 +465,8 @@ def soaa(
     Adaptive Trust Region Methods <https://arxiv.org/abs/2410.02293>`_, 2024.
   """
   chunk_size = _chunk_size_option(chunk_size, reduction_chunk_size)
+  learning_rate, weight_decay = utils.real_hyperparams(
+      learning_rate=learning_rate, weight_decay=weight_decay)
   utils.check_range("weight_decay", weight_decay, lower=0.0)
   return optax.chain(
       scale_by_soaa(

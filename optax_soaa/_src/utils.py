@@ -27,6 +27,25 @@ def concrete_float(value: Any) -> Optional[float]:
   return None
 
 
+def real_hyperparams(**hyperparams: Any) -> tuple[Any, ...]:
+  """The hyperparameters, in order, with complex arrays made real.
+
+  `optax.inject_hyperparams` casts float hyperparameters to the params'
+  dtype, complex for complex params; the optimizers' hyperparameters are
+  real. A concrete complex value with a nonzero imaginary part raises
+  `ValueError` naming it; anything else (floats, schedules) passes as is.
+  """
+  out = []
+  for name, value in hyperparams.items():
+    if hasattr(value, "dtype") and jnp.issubdtype(value.dtype,
+                                                  jnp.complexfloating):
+      if not isinstance(value, jax.core.Tracer) and np.any(np.imag(value)):
+        raise ValueError(f"`{name}` must be real, got {value!r}.")
+      value = jnp.real(value)
+    out.append(value)
+  return tuple(out)
+
+
 def check_range(
     name: str,
     value: Any,
