@@ -22,8 +22,6 @@ measures each optimizer's step and prints the expected wall time. See
 BENCHMARKS.md for the protocol.
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import pathlib

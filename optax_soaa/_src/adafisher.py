@@ -9,8 +9,6 @@ imports no model library: the statistics arrive as a pytree of
 JAX loss function.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any, NamedTuple, Optional
 import warnings
@@ -45,9 +43,9 @@ class AdaFisherState(NamedTuple):
   refresh: jax.Array  # shape=(), bool: whether the next update refreshes the
   # running averages (read by optax_soaa.stats_due).
   mu: optax.Updates  # like params (dtype mu_dtype or params'): momentum m.
-  nu: Optional[optax.Updates]  # like params (dtype nu_dtype or params'):
-  # Adam second moment of the fallback="adam" leaves; None for
-  # fallback="identity".
+  nu: Optional[optax.Updates]  # like params (dtype nu_dtype or params', real
+  # for complex params): Adam second moment of |g|² for the fallback="adam"
+  # leaves; None for fallback="identity".
   h: optax.Updates  # per leaf, shape stack + (fan_in,), S: running average of
   # the min-max-normalised input statistic (starts at ones).
   s: optax.Updates  # per leaf, shape stack + (fan_out,), S: running average of
@@ -224,12 +222,15 @@ def scale_by_adafisher(
     ``stats=`` (a pytree like params whose leaves are :class:`LayerStats` or
     ``None``) and ignores other extra args.
   """
+  b1, decay, new_weight, damping, fallback_b2, fallback_eps = (
+      utils.real_hyperparams(
+          b1=b1, decay=decay, new_weight=new_weight, damping=damping,
+          fallback_b2=fallback_b2, fallback_eps=fallback_eps))
   utils.check_range("b1", b1, lower=0.0, upper=1.0, upper_inclusive=False)
   utils.check_range("decay", decay, lower=0.0)
   utils.check_range("new_weight", new_weight, lower=0.0)
   utils.check_range("damping", damping, lower=0.0)
-  if not isinstance(stats_every, jax.Array):  # inject_hyperparams: arrays.
-    utils.check_positive_int("stats_every", stats_every)
+  utils.check_positive_int("stats_every", stats_every)
   utils.check_choice("fallback", fallback, FALLBACKS)
   utils.check_range(
       "fallback_b2", fallback_b2, lower=0.0, upper=1.0, upper_inclusive=False)
@@ -242,11 +243,12 @@ def scale_by_adafisher(
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     dims = [_layout_dims(jnp.shape(x), lay)
             for x, lay in zip(leaves, _leaf_layouts(treedef, leaves, paths, layouts))]
+    utils.check_moment_dtype("mu_dtype", mu_dtype, params)
     return AdaFisherState(
         count=jnp.zeros([], jnp.int32),
         refresh=jnp.ones([], bool),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params, dtype=nu_dtype) if use_adam else None,
+        nu=utils.real_zeros_like(params, nu_dtype) if use_adam else None,
         h=jax.tree.unflatten(treedef, [jnp.ones(st + (fi,), sdtype) for st, fi, _ in dims]),
         s=jax.tree.unflatten(treedef, [jnp.ones(st + (fo,), sdtype) for st, _, fo in dims]),
     )
@@ -307,11 +309,13 @@ def scale_by_adafisher(
         leaves, mu_leaves, nu_leaves, h_leaves, s_leaves, leaf_stats, leaf_layouts):
       shape = jnp.shape(g)
       dtype = jnp.promote_types(m.dtype, g.dtype)
-      m_hat = m.astype(dtype) / bc1.astype(dtype)
+      # Complex params: m̂ and the direction complex, the scales F̃ real.
+      rdtype = utils.real_dtype(dtype)
+      m_hat = m.astype(dtype) / bc1.astype(rdtype)
       if st is None:
         if use_adam:
-          v_hat = v.astype(dtype) / bc2.astype(dtype)
-          direction = m_hat / (jnp.sqrt(v_hat) + jnp.asarray(fallback_eps, dtype))
+          v_hat = v.astype(rdtype) / bc2.astype(rdtype)
+          direction = m_hat / (jnp.sqrt(v_hat) + jnp.asarray(fallback_eps, rdtype))
         else:
           direction = m_hat
         new_h.append(h_avg)
@@ -327,7 +331,7 @@ def scale_by_adafisher(
         h_part = h_norm[..., :fan_in] if st.part == "kernel" else h_norm[..., -fan_in:]
         h_next = jnp.where(refresh, decay_ * h_avg + new_weight_ * h_part, h_avg)
         s_next = jnp.where(refresh, decay_ * s_avg + new_weight_ * _min_max(s_in), s_avg)
-        direction = m_hat / _fisher(h_next, s_next, shape, lay, damping_.astype(dtype), dtype)
+        direction = m_hat / _fisher(h_next, s_next, shape, lay, damping_.astype(rdtype), rdtype)
         new_h.append(h_next)
         new_s.append(s_next)
       directions.append(direction.astype(g.dtype))
@@ -369,6 +373,8 @@ def stats_due(opt_state: Any) -> Any:
 
 def _adafisher_chain(learning_rate, b1, decay, new_weight, damping, stats_every,
                      weight_decay, decoupled, **kwargs):
+  learning_rate, weight_decay = utils.real_hyperparams(
+      learning_rate=learning_rate, weight_decay=weight_decay)
   utils.check_schedule_or_nonneg("learning_rate", learning_rate)
   utils.check_range("weight_decay", weight_decay, lower=0.0)
   decay_weights = optax.add_decayed_weights(weight_decay)
@@ -469,6 +475,11 @@ def adafisher(
   * Statistics are per layer vectors, so the state is Adam-like in memory:
     one params-sized momentum (two with ``fallback="adam"``) plus those
     vectors.
+  * Complex parameters, with gradients in optax's convention (the conjugate
+    of JAX's, ``∂L/∂x + i ∂L/∂y``), are treated as optax's Adam treats them:
+    the statistics are of ``|x|²`` and ``|δ|²``, the ``"adam"`` fallback's
+    second moment of ``|g|²``, ``F̃`` is real, and the momentum and the
+    updates are complex.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_soaa

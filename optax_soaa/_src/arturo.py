@@ -15,7 +15,9 @@ class ArturoState(NamedTuple):
 
   ``F`` below is a leaf's statistics dtype: float32, or the param's dtype
   where wider (a bfloat16 model keeps its filter in float32). ``S`` is the
-  scalar dtype: float32, or the params' widest dtype where wider.
+  scalar dtype: float32, or the params' widest dtype where wider. A complex
+  parameter of shape ``shape`` counts as the real pairs (Re, Im): its
+  leaves below have shape ``shape + (2,)`` and its real dtype.
   """
 
   count: jax.Array  # shape=(), int32: steps taken.
@@ -40,6 +42,24 @@ _DEFAULT_LEVELS_PER_PASS = 2
 
 def _stats_dtype(leaf: Any) -> jnp.dtype:
   return jnp.promote_types(jnp.asarray(leaf).dtype, jnp.float32)
+
+
+# A complex coordinate is two real ones: (Re z, Im z) in a trailing axis of 2,
+# so that the filter, the KL and the bisection are those of the real problem.
+
+
+def _as_real(tree: Any) -> Any:
+  """Each complex leaf as its (Re, Im) pairs, shape ``shape + (2,)``."""
+  return jax.tree.map(
+      lambda x: jnp.stack([x.real, x.imag], axis=-1)
+      if jnp.iscomplexobj(x) else x, tree)
+
+
+def _like_complex(tree: Any, like: Any) -> Any:
+  """Inverse of `_as_real` for the leaves that are complex in `like`."""
+  return jax.tree.map(
+      lambda x, y: jax.lax.complex(x[..., 0], x[..., 1]).astype(y.dtype)
+      if jnp.iscomplexobj(y) else x, tree, like)
 
 
 def _cast(x: Any, like: jax.Array) -> jax.Array:
@@ -195,6 +215,15 @@ def scale_by_arturo(
     An :class:`optax.GradientTransformationExtraArgs` whose state is an
     :class:`ArturoState`.
   """
+  (kl_bound, reg_weight, prior_prec, dynamic_model_noise, measurement_noise,
+   start_filter_cov, var_init, eta_tol, nu, weight_decay, max_eta) = (
+       utils.real_hyperparams(
+           kl_bound=kl_bound, reg_weight=reg_weight, prior_prec=prior_prec,
+           dynamic_model_noise=dynamic_model_noise,
+           measurement_noise=measurement_noise,
+           start_filter_cov=start_filter_cov, var_init=var_init,
+           eta_tol=eta_tol, nu=nu, weight_decay=weight_decay,
+           max_eta=max_eta))
   utils.check_schedule_or_nonneg("kl_bound", kl_bound, positive=True)
   for name, value in (
       ("reg_weight", reg_weight), ("prior_prec", prior_prec),
@@ -221,6 +250,7 @@ def scale_by_arturo(
   wd_const = utils.concrete_float(weight_decay)
 
   def init_fn(params):
+    params = _as_real(params)
     sdtype = utils.scalar_dtype(params)
 
     def full(value):
@@ -250,6 +280,8 @@ def scale_by_arturo(
     if params is None:
       raise ValueError("arturo's `update` needs `params` (the means θ).")
     utils.check_trees_match("updates", updates, "params", params)
+    complex_updates = updates
+    updates, params = _as_real(updates), _as_real(params)
     sdtype = state.eta.dtype
     chunk = passes.resolve_chunk_size(chunk_size)
     first = state.count == 0
@@ -345,7 +377,7 @@ def scale_by_arturo(
         bisection_steps=steps,
         kl=kl,
     )
-    return step.outputs, new_state
+    return _like_complex(step.outputs, complex_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -423,6 +455,11 @@ def arturo(
     The numbers are the reference's. Under ``optax.inject_hyperparams``,
     λ_new is then formed with the next step's ρ, p0 and ν (the same unless
     those are scheduled).
+  * Complex parameters, with gradients in optax's convention (the conjugate
+    of JAX's, ``∂L/∂x + i ∂L/∂y``), are pairs of real coordinates
+    ``(Re θ, Im θ)``: the filter, the KL and η are exactly those of the real
+    problem, each state array of a complex leaf has a trailing axis of 2,
+    and the updates are complex.
   * Memory: six state arrays per parameter (b, h, P00, P01, P11, λ), 3x
     Adam's state. The filter and λ stay float32 (or the param's dtype where
     wider) for bfloat16 params.

@@ -29,8 +29,6 @@ How it works (developer notes are in ``docs/internals_adafisher.md``):
    one backward pass.
 """
 
-from __future__ import annotations
-
 import collections
 import dataclasses
 import functools
@@ -483,9 +481,11 @@ def _output_statistic(spec, dy, dtype):
   if kind == "mean_sq":
     rows = tuple(i for i in range(d.ndim) if i not in out_dims)
     n = math.prod(d.shape[i] for i in rows)
-    stat = jnp.sum(jnp.square(d), axis=rows) / max(n, 1)
+    stat = jnp.sum(utils.abs_sq(d), axis=rows) / max(n, 1)
   else:  # "sum": the normalisation layers' Σ_rows δ per feature (last axis).
     stat = jnp.sum(d, axis=tuple(range(d.ndim - 1)))
+    if jnp.iscomplexobj(stat):  # The real probe takes (Re, Im) pairs.
+      stat = jnp.stack([stat.real, stat.imag], axis=-1)
   return stat.astype(dtype)
 
 
@@ -613,7 +613,7 @@ class _Finder:
       x = jnp.transpose(x, x_free + x_contract)
       rows = math.prod(x.shape[:len(x_free)])
       x = x.reshape((rows,) + x.shape[len(x_free):])
-      return jnp.sum(jnp.square(x), axis=0) / max(rows, 1)
+      return jnp.sum(utils.abs_sq(x), axis=0) / max(rows, 1)
 
     self._linear_site("dense", rec, kv, x_idx, h_fn, out_dims,
                       [kv.axes[d] for d in k_contract], [kv.axes[d] for d in k_free])
@@ -647,7 +647,7 @@ class _Finder:
       x = jnp.transpose(x, lhs_perm)  # (N, C, spatial...)
       # Patch extraction is linear: the patches of Σ_n x² are Σ_n patches(x)²,
       # so no patch tensor the size of the batch is built.
-      x2 = jnp.sum(jnp.square(x), axis=0, keepdims=True)
+      x2 = jnp.sum(utils.abs_sq(x), axis=0, keepdims=True)
       patches = lax.conv_general_dilated_patches(
           x2, window, strides, padding, lhs_dilation=lhs_dil,
           rhs_dilation=rhs_dil, precision=lax.Precision.HIGHEST)
@@ -870,6 +870,8 @@ class _Finder:
           break
     x_shape = tuple(x_rec.eqn.invars[0].aval.shape)
     y_shape = tuple(y_rec.eqn.outvars[0].aval.shape)
+    complex_output = jnp.issubdtype(y_rec.eqn.outvars[0].aval.dtype,
+                                    jnp.complexfloating)
     if x_rec.scans != y_rec.scans or x_shape != y_shape or len(x_shape) < 2:
       self.reasons[pv.leaf].append(
           "a normalisation without a batch axis, or split across a scan")
@@ -908,10 +910,12 @@ class _Finder:
         # δ of the device-averaged loss is δ_local / n_devices.
         sigma = lax.pmean(sigma, axis_name)
       total = batch * n_dev
-      h0 = jnp.sum(jnp.square(sum_h), axis=-1) / (total * total)
+      h0 = jnp.sum(utils.abs_sq(sum_h), axis=-1) / (total * total)
       h1 = jnp.full_like(h0, sum_h.shape[-1] / (total * total))
       h = _mean_over_repeats(jnp.stack([h0, h1], axis=-1), levels)
-      s = _mean_over_repeats(jnp.square(sigma) / total, levels)
+      sigma_sq = (jnp.sum(jnp.square(sigma), axis=-1) if complex_output
+                  else jnp.square(sigma))
+      s = _mean_over_repeats(sigma_sq / total, levels)
       out = {}
       for leaf, (part, layout, p) in leaves.items():
         scans = [atoms for _, atoms in p.scans]
@@ -924,7 +928,8 @@ class _Finder:
     self.sites.append(_Site(
         kind=kind, h_path=x_rec.path, h_operand=0, h_fn=h_fn,
         tap_path=y_rec.path, tap_spec=("sum", None),
-        probe_shape=(y_shape[-1],), levels=levels, post=post,
+        probe_shape=(y_shape[-1],) + ((2,) if complex_output else ()),
+        levels=levels, post=post,
         leaves={leaf: v[:2] for leaf, v in leaves.items()}))
 
   def _centring(self, ctx, v):
@@ -1255,6 +1260,11 @@ def value_grad_and_stats(
     channel-last form of the reference's ``(0, 2, 3)`` of NCHW; ``m`` the
     spatial size), then ``h = [Σ u², len(u)] / B²`` (two numbers: the
     scale's and the bias's) and ``s = (Σ_rows δ)² / B``.
+
+  For complex values the squares are magnitudes (``|x̄|²``, ``|δ|²``; for
+  the normalisation layers ``|u|²`` and ``|Σ_rows δ|²``), and the statistics
+  are real. The gradients are JAX's: for complex params, conjugate them
+  before an optax ``update``, as optax's convention asks.
 
   A layer called several times (shared weights; a ``lax.scan`` that reuses
   it) gets the mean of its statistics over the calls. A ``lax.scan`` over a

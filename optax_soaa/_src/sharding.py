@@ -12,6 +12,7 @@ the train step.
 from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import optax
 
 PartitionSpec = jax.sharding.PartitionSpec
@@ -52,9 +53,11 @@ def _map_state_like_params(
 
   A state leaf mirrors a param when its key path ends with the param's key
   path (``[0].mu['dense']['kernel']`` ends with ``['dense']['kernel']``) and
-  the two have the same shape; the longest such path wins. This finds the
-  copies of the params inside ``chain``, ``inject_hyperparams``, ``masked``
-  (whose state trees lack the masked-out leaves) and ``MultiSteps`` alike.
+  the two have the same shape (or, for a complex param, its shape and a
+  trailing axis of 2: arTuRO's (Re, Im) pairs); the longest such path wins.
+  This finds the copies of the params inside ``chain``,
+  ``inject_hyperparams``, ``masked`` (whose state trees lack the masked-out
+  leaves) and ``MultiSteps`` alike.
   Every other leaf gets ``default(leaf)``.
   """
   abstract_params = jax.tree.map(_abstract, params)
@@ -69,15 +72,21 @@ def _map_state_like_params(
         f"{len(annotation_leaves)} for {len(param_paths)} leaves."
     )
   by_path = {
-      tuple(path): (leaf.shape, annotation)
+      tuple(path): (leaf.shape, annotation, jnp.iscomplexobj(leaf))
       for (path, leaf), annotation in zip(param_paths, annotation_leaves)
   }
+
+  def mirrors(param_shape, is_complex, shape):
+    # arTuRO keeps a complex param's (Re, Im) pairs in a trailing axis of 2,
+    # which a spec of the param's axes leaves unsharded.
+    return shape == param_shape or (
+        is_complex and shape == tuple(param_shape) + (2,))
 
   def lookup(path, leaf):
     path = tuple(path)
     for start in range(len(path) + 1):  # Longest suffix first.
       match = by_path.get(path[start:])
-      if match is not None and match[0] == leaf.shape:
+      if match is not None and mirrors(match[0], match[2], leaf.shape):
         return match[1]
     return default(leaf)
 

@@ -47,7 +47,8 @@ class SOAAState(NamedTuple):
 
   count: jax.Array  # shape=(), int32: steps taken.
   mu: optax.Updates  # like params (dtype mu_dtype or params'): first moment m.
-  nu: optax.Updates  # like params (dtype nu_dtype or params'): second moment s.
+  nu: optax.Updates  # like params (dtype nu_dtype or params', real: float32
+  # for complex64 params): second moment s of |g|².
   curvature: Optional[optax.Updates]  # like nu: centred variance v with
   # curvature="variance"; None otherwise (v̂ = ŝ, or v̂ = 0 for "none").
   dt: jax.Array  # shape=(), S: trust-region multiplier, starts at 1.
@@ -63,32 +64,39 @@ class SOAAState(NamedTuple):
 # ("second_moment"), or absent ("none": v̂ = 0).
 
 
+# Complex parameters (the gradient given as optax's convention has it, the
+# conjugate of JAX's: ∂L/∂x + i ∂L/∂y) as optax's Adam treats them: |g|² in
+# the second moment and the variance, which stay real, and real inner
+# products Re(conj(a) b) in the sums; m and the updates are complex.
+
+
 def _moments(g, m, s, *v, b1, b2, bc1, first, **_):
   """Pass 1: m, s (and the centred variance v) after gradient g."""
   m = (1 - b1) * g + b1 * m
-  s = (1 - b2) * jnp.square(g) + b2 * s
+  s = (1 - b2) * utils.abs_sq(g) + b2 * s
   if not v:
     return m, s
   # In exact arithmetic g - m̂ = 0 at t = 1 (m̂ = g); computed, it is rounding
   # noise that r would divide by its own sum, so the first step takes the
   # exact value.
-  deviation = jnp.where(first, 0, g - m / bc1.astype(m.dtype))
-  return m, s, b2 * v[0] + (1 - b2) * jnp.square(deviation)
+  deviation = jnp.where(
+      first, 0, g - m / bc1.astype(utils.real_dtype(m.dtype)))
+  return m, s, b2 * v[0] + (1 - b2) * utils.abs_sq(deviation)
 
 
 def _moment_sums(g, m, s, *v, curvature, **_):
-  """Σ m² and Σ v (Σ s when v̂ = ŝ): the sums of r, unscaled."""
+  """Σ |m|² and Σ v (Σ s when v̂ = ŝ): the sums of r, unscaled."""
   del g
   if curvature == "none":
-    return (jnp.square(m),)
-  return jnp.square(m), (v[0] if v else s)
+    return (utils.abs_sq(m),)
+  return utils.abs_sq(m), (v[0] if v else s)
 
 
 def _direction(m, s, *v, inv_bc1, inv_bc2, dt, eps, fisher_scale, **_):
   """Pass 2: g_adj = m̂ dt / (max(dt (1 + r) v̂, sqrt(ŝ)) + eps)."""
-  dtype = jnp.promote_types(m.dtype, s.dtype)
+  dtype = jnp.promote_types(utils.real_dtype(m.dtype), s.dtype)
   cast = lambda x: jnp.asarray(x).astype(dtype)
-  m_hat = m.astype(dtype) * cast(inv_bc1)
+  m_hat = m.astype(jnp.promote_types(m.dtype, dtype)) * cast(inv_bc1)
   scale = jnp.sqrt(s.astype(dtype) * cast(inv_bc2))
   if v:  # F = 0 for curvature="none": max(0, sqrt(ŝ)).
     fisher = cast(fisher_scale) * (v[0].astype(dtype) * cast(inv_bc2))
@@ -98,14 +106,15 @@ def _direction(m, s, *v, inv_bc1, inv_bc2, dt, eps, fisher_scale, **_):
 
 def _predicted_reduction_terms(m, s, *v, sum_dtype, curvature_weight,
                                **scalars):
-  """(m̂ g_adj - ½ v̂ g_adj²) bc1, with g_adj recomputed (the returned
-  updates then keep a single consumer, and fuse into `apply_updates`).
-  m and v enter unscaled (`curvature_weight` = ½ bc1 / bc2): XLA then needs
-  no m̂ or v̂ array."""
-  u = _direction(m, s, *v, **scalars).astype(sum_dtype)
-  terms = m.astype(sum_dtype) * u
+  """(Re(conj(m̂) g_adj) - ½ v̂ |g_adj|²) bc1, with g_adj recomputed (the
+  returned updates then keep a single consumer, and fuse into
+  `apply_updates`). m and v enter unscaled (`curvature_weight` =
+  ½ bc1 / bc2): XLA then needs no m̂ or v̂ array."""
+  widen = lambda x: x.astype(jnp.promote_types(x.dtype, sum_dtype))
+  u = widen(_direction(m, s, *v, **scalars))
+  terms = utils.real_dot(widen(m), u)
   if v:
-    terms = terms - v[0].astype(sum_dtype) * jnp.square(u) * curvature_weight
+    terms = terms - v[0].astype(sum_dtype) * utils.abs_sq(u) * curvature_weight
   return (terms,)
 
 
@@ -163,7 +172,8 @@ def scale_by_soaa(
       (``v̂ = 0``: the paper's algorithm read literally). See :func:`soaa`.
     mu_dtype: optional dtype of the first moment.
     nu_dtype: optional dtype of the second moment and of the curvature
-      (e.g. float32 state for bfloat16 params); the params' dtype if None.
+      (e.g. float32 state for bfloat16 params); the params' dtype if None
+      (its real counterpart for complex params).
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are *split*; the global sums are then ``psum``-ed over it.
       Leave ``None`` for replicated data parallelism and for sharded ``jit``.
@@ -179,6 +189,8 @@ def scale_by_soaa(
     loss at ``params`` as ``value=`` (optional) and ignores other extra args.
   """
   chunk_size = _chunk_size_option(chunk_size, reduction_chunk_size)
+  learning_rate, b1, b2, gamma, eps = utils.real_hyperparams(
+      learning_rate=learning_rate, b1=b1, b2=b2, gamma=gamma, eps=eps)
   utils.check_schedule_or_nonneg("learning_rate", learning_rate)
   utils.check_range("b1", b1, lower=0.0, upper=1.0, upper_inclusive=False)
   utils.check_range("b2", b2, lower=0.0, upper=1.0, upper_inclusive=False)
@@ -197,15 +209,15 @@ def scale_by_soaa(
 
   def init_fn(params):
     sdtype = utils.scalar_dtype(params)
+    utils.check_moment_dtype("mu_dtype", mu_dtype, params)
     # A fresh array per field: shared buffers cannot be donated.
     zero = lambda: jnp.zeros([], sdtype)
     return SOAAState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params, dtype=nu_dtype),
+        nu=utils.real_zeros_like(params, nu_dtype),
         curvature=(
-            optax.tree.zeros_like(params, dtype=nu_dtype) if use_variance
-            else None
+            utils.real_zeros_like(params, nu_dtype) if use_variance else None
         ),
         dt=jnp.ones([], sdtype),
         loss_avg=zero(),
@@ -392,6 +404,11 @@ def soaa(
     from a biased average (``dt`` then hits its lower bound once).
   * ``dt`` stays in ``[1-γ, 2]``: SOAA is Adam whose step is multiplied by
     ``dt`` wherever ``sqrt(ŝ) > dt F``. Compare against a tuned Adam.
+  * Complex parameters, with gradients in optax's convention (the conjugate
+    of JAX's, ``∂L/∂x + i ∂L/∂y``), are treated as optax's Adam treats them:
+    squares are ``|g|²``, ``|m̂|²``, ``|g_adj|²`` and ``Σ m̂ g_adj`` is
+    ``Σ Re(conj(m̂) g_adj)``, so ``s``, ``v``, ``F``, ``r``, ``pr`` and ``dt``
+    are real while ``m`` and the updates are complex.
 
   The ``value=`` contract: pass the loss evaluated at the ``params`` whose
   gradients are ``updates`` (under data parallelism, its ``pmean``). Unknown
@@ -457,6 +474,8 @@ def soaa(
     Adaptive Trust Region Methods <https://arxiv.org/abs/2410.02293>`_, 2024.
   """
   chunk_size = _chunk_size_option(chunk_size, reduction_chunk_size)
+  learning_rate, weight_decay = utils.real_hyperparams(
+      learning_rate=learning_rate, weight_decay=weight_decay)
   utils.check_range("weight_decay", weight_decay, lower=0.0)
   return optax.chain(
       scale_by_soaa(

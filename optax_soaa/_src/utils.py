@@ -27,6 +27,25 @@ def concrete_float(value: Any) -> Optional[float]:
   return None
 
 
+def real_hyperparams(**hyperparams: Any) -> tuple[Any, ...]:
+  """The hyperparameters, in order, with complex arrays made real.
+
+  `optax.inject_hyperparams` casts float hyperparameters to the params'
+  dtype, complex for complex params; the optimizers' hyperparameters are
+  real. A concrete complex value with a nonzero imaginary part raises
+  `ValueError` naming it; anything else (floats, schedules) passes as is.
+  """
+  out = []
+  for name, value in hyperparams.items():
+    if hasattr(value, "dtype") and jnp.issubdtype(value.dtype,
+                                                  jnp.complexfloating):
+      if not isinstance(value, jax.core.Tracer) and np.any(np.imag(value)):
+        raise ValueError(f"`{name}` must be real, got {value!r}.")
+      value = jnp.real(value)
+    out.append(value)
+  return tuple(out)
+
+
 def check_range(
     name: str,
     value: Any,
@@ -108,16 +127,67 @@ def as_schedule(value: optax.ScalarOrSchedule) -> Callable[[jax.Array], Any]:
   return lambda count: value
 
 
+def real_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype of the real and imaginary parts of a complex dtype; other
+  dtypes unchanged (complex64 -> float32, complex128 -> float64)."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.dtype(jnp.finfo(dtype).dtype)
+  return dtype
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+  """``|x|²``, real: ``x²`` for real ``x``, ``Re(x)² + Im(x)²`` for complex."""
+  if jnp.iscomplexobj(x):
+    return jnp.square(x.real) + jnp.square(x.imag)
+  return jnp.square(x)
+
+
+def real_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``Re(conj(x) y)`` elementwise: the real inner product of complex numbers
+  as pairs (Re, Im); ``x y`` for real arrays."""
+  if jnp.iscomplexobj(x) or jnp.iscomplexobj(y):
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    return x.real * y.real + x.imag * y.imag
+  return x * y
+
+
+def real_zeros_like(tree: Any, dtype: Optional[Any] = None) -> Any:
+  """Zeros like each leaf, in `dtype` (or the leaf's) made real: the state of
+  squared magnitudes, real for complex leaves too."""
+  return jax.tree.map(
+      lambda x: jnp.zeros_like(x, real_dtype(
+          _dtype_of(x) if dtype is None else dtype)), tree)
+
+
+def _dtype_of(x: Any) -> jnp.dtype:
+  return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+
+
+def check_moment_dtype(name: str, dtype: Optional[Any], tree: Any) -> None:
+  """Raises `ValueError` when a real `dtype` option would hold a first moment
+  of complex leaves (it would drop their imaginary parts)."""
+  if dtype is None or jnp.issubdtype(dtype, jnp.complexfloating):
+    return
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if jnp.issubdtype(_dtype_of(x), jnp.complexfloating):
+      raise ValueError(
+          f"`{name}`={jnp.dtype(dtype).name} cannot hold the first moment of "
+          f"the complex parameter {jax.tree_util.keystr(path)} "
+          f"({_dtype_of(x)}); pass a complex dtype or None.")
+
+
 def scalar_dtype(tree: Any) -> jnp.dtype:
   """float32, or the widest floating dtype among the leaves where wider.
 
   The optimizers' global statistics (dt, eta, sums) use this dtype so that a
   bfloat16 model still accumulates its trust region in float32, and an x64
-  run stays exact against a float64 reference.
+  run stays exact against a float64 reference. A complex leaf counts as its
+  real dtype (the statistics are real).
   """
   dtype = jnp.dtype(jnp.float32)
   for leaf in jax.tree.leaves(tree):
-    leaf_dtype = jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
+    leaf_dtype = real_dtype(_dtype_of(leaf))
     if jnp.issubdtype(leaf_dtype, jnp.floating) and (
         jnp.finfo(leaf_dtype).bits > jnp.finfo(dtype).bits
     ):

@@ -24,8 +24,6 @@ runner refreshes at its natural rate (on its 1st, 101st, 201st... step); the
 median over rounds is that of rounds without a refresh.
 """
 
-from __future__ import annotations
-
 import argparse
 import datetime
 import json

@@ -10,8 +10,6 @@
   into a training and a held-out part.
 """
 
-from __future__ import annotations
-
 import gzip
 import os
 import pathlib

@@ -21,8 +21,6 @@ run's first 5 batches; every parameter update then sees the same batch as the
 other optimizers' same step.
 """
 
-from __future__ import annotations
-
 import functools
 import importlib
 import itertools

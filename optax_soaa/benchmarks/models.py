@@ -5,8 +5,6 @@ that AdaFisher's statistics helper (which intercepts those two) covers the
 whole model except embeddings and LayerNorms.
 """
 
-from __future__ import annotations
-
 from typing import Sequence
 
 import flax.linen as nn

@@ -12,8 +12,6 @@ unavailable, not a crash. K-FAC is not an optax transformation: it runs
 through its own API (``kfac_baseline``), with the same swept learning rate.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
 

@@ -1,7 +1,5 @@
 """Results files, Markdown tables, plots and BENCHMARKS.md of the benchmark tool."""
 
-from __future__ import annotations
-
 import datetime
 import json
 import math

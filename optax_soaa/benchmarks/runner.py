@@ -29,8 +29,6 @@ interleaved with Adam's (median over pairs), before training starts, so the
 tool can print the expected wall time of the run.
 """
 
-from __future__ import annotations
-
 import math
 import statistics
 import sys

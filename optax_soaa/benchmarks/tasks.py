@@ -1,7 +1,5 @@
 """Benchmark tasks: data, model, loss, evaluation sets and fixed hyperparameters."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple

@@ -12,8 +12,6 @@ XLA's cost analysis of the whole-array step, beside the floor of each
 algorithm (the report's notes say how both are counted).
 """
 
-from __future__ import annotations
-
 import argparse
 import datetime
 import os

@@ -7,8 +7,6 @@ nothing is intercepted or patched. They keep the ``(value, grads, stats)``
 return of the earlier Flax helpers.
 """
 
-from __future__ import annotations
-
 from typing import Any, Callable, Optional, Sequence
 
 from flax import nnx

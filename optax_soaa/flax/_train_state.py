@@ -1,7 +1,5 @@
 """A Flax Linen TrainState that forwards extra arguments to ``tx.update``."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import optax
