@@ -457,3 +457,42 @@ def test_state_memory():
     # Per-parameter arrays plus a handful of scalars.
     assert arrays * param_bytes <= state_bytes <= arrays * param_bytes + 64
   assert 2 * param_bytes <= adam_bytes <= 2 * param_bytes + 8
+
+
+@pytest.mark.parametrize("curvature", ["second_moment", "none"])
+def test_parameters_split_over_axis_name_equal_one_device(curvature):
+  """Σ (v̂ + eps) counts the elements of every shard: with gradients small
+  enough that eps matters, r and the step of a model split over a mapped
+  axis equal those of the whole model."""
+  grads = {"w": jnp.arange(1.0, 9.0) * 1e-6}
+  whole = optax_soaa.scale_by_soaa(1e-2, total_steps=10, curvature=curvature)
+  u_whole, s_whole = whole.update(grads, whole.init(grads),
+                                  value=jnp.float32(1.0))
+  split = optax_soaa.scale_by_soaa(1e-2, total_steps=10, curvature=curvature,
+                                   axis_name="shards")
+
+  def on_shard(g):
+    return split.update(g, split.init(g), value=jnp.float32(1.0))
+
+  u_split, s_split = jax.vmap(on_shard, axis_name="shards")(
+      {"w": grads["w"].reshape(2, 4)})
+  np.testing.assert_allclose(s_split.fisher_ratio, s_whole.fisher_ratio,
+                             rtol=1e-6)
+  np.testing.assert_allclose(u_split["w"].reshape(-1), u_whole["w"],
+                             rtol=1e-6)
+
+
+def test_eps_zero_keeps_the_trust_region_finite():
+  """At t = 1 the observed reduction and pr are both 0: with eps = 0 the
+  ratio is 0 / max(0, 0); it counts as 0, not NaN."""
+  opt = optax_soaa.soaa(1e-2, total_steps=20, eps=0.0)
+  params = {"w": jnp.array([0.5, -1.0, 2.0])}
+  state = opt.init(params)
+  for t in range(3):
+    loss, grads = jax.value_and_grad(
+        lambda p: jnp.sum(jnp.square(p["w"] - 1.0)))(params)
+    updates, state = opt.update(grads, state, params, value=loss)
+    params = optax.apply_updates(params, updates)
+    chex.assert_tree_all_finite((params, state))
+    if t == 0:
+      assert float(optax.tree.get(state, "dt")) == 1.0

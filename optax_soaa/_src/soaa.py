@@ -261,7 +261,12 @@ def scale_by_soaa(
     curv = moments.states[2] if use_variance else None
     sum_m2 = moments.sums[0]
     sum_v = moments.sums[1] if curvature != "none" else jnp.zeros([], sdtype)
-    sum_v = sum_v / bc2 + optax.tree.size(nu) * eps_
+    # n eps: n counts every element of the model, on all devices that hold
+    # a part of it (the sums are psum-ed over `axis_name` too).
+    num_elements = optax.tree.size(nu)
+    if axis_name is not None:
+      num_elements = jax.lax.psum(num_elements, axis_name)
+    sum_v = sum_v / bc2 + num_elements * eps_
     fisher_ratio = sum_m2 / jnp.square(bc1) / sum_v
 
     # Pass 2: the direction g_adj (dt of step t-1) and, given a loss, the sum
@@ -305,7 +310,12 @@ def scale_by_soaa(
       # as loss_avg / bc1 would leave a rounding residue that, divided by
       # max(pr, eps) = eps, throws dt to its bound.
       loss_hat = jnp.where(count_inc == 1, loss, new_loss_avg / bc1)
-      new_trust_ratio = (loss_hat - loss) / jnp.maximum(predicted_reduction, eps_)
+      # A zero numerator is a zero ratio, also where max(pr, eps) is 0
+      # (eps = 0 at t = 1): 0 / 0 would make dt, and every later step, NaN.
+      observed = loss_hat - loss
+      new_trust_ratio = jnp.where(
+          observed == 0, jnp.zeros_like(observed),
+          observed / jnp.maximum(predicted_reduction, eps_))
       exponent = (t - 1) / jnp.asarray(total_steps, sdtype)
       gamma_ = jnp.asarray(gamma, sdtype)
       lower = (1 - gamma_) ** exponent
