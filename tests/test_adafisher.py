@@ -447,3 +447,34 @@ def test_norm_layer_stats_of_the_wrong_shape_raise_naming_the_leaf():
     stats = {"LayerNorm_0": {"scale": good, "bias": bad}}
     with pytest.raises(ValueError, match=r"\['LayerNorm_0'\]\['bias'\].*" + match):
       tx.update(params, tx.init(params), params, stats=stats)
+
+
+def test_statistics_of_the_whole_model_inside_masked_and_multi_transform():
+  """optax.masked / multi_transform hand AdaFisher only its leaves (the
+  others as MaskedNode) while the statistics cover the whole model: the
+  steps of its leaves equal AdaFisher's on those leaves alone."""
+  def loss_fn(p, tokens, y):
+    x = p["emb"][tokens].mean(1)
+    h = jnp.tanh(x @ p["w"] + p["b"])
+    return jnp.mean((h @ p["out"] - y) ** 2)
+
+  rng = np.random.default_rng(0)
+  params = {"emb": jnp.asarray(rng.normal(size=(7, 3)), jnp.float32),
+            "w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+            "b": jnp.zeros(4), "out": jnp.asarray(rng.normal(size=(4, 1)), jnp.float32)}
+  tokens = jnp.asarray(rng.integers(0, 7, (8, 5)))
+  y = jnp.asarray(rng.normal(size=(8, 1)), jnp.float32)
+  _, grads, extras = optax_soaa.value_grad_and_stats(loss_fn)(params, tokens, y)
+  mine = ("w", "b", "out")
+  labels = {k: "fisher" if k in mine else "adam" for k in params}
+
+  alone = optax_soaa.adafisher(1e-2)
+  sub = lambda tree: {k: tree[k] for k in mine}
+  want, _ = alone.update(sub(grads), alone.init(sub(params)), sub(params),
+                         stats=sub(extras["stats"]))
+  for tx in (optax.multi_transform({"fisher": optax_soaa.adafisher(1e-2),
+                                    "adam": optax.adam(1e-2)}, labels),
+             optax.masked(optax_soaa.adafisher(1e-2),
+                          {k: k in mine for k in params})):
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, **extras)
+    chex.assert_trees_all_close(sub(updates), want, rtol=1e-6)

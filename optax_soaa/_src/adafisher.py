@@ -60,6 +60,22 @@ def _check_layout(path: str, shape: tuple[int, ...], layout: LayerLayout) -> Non
         "each of its axes once.")
 
 
+def _masked_like(tree: Any, like: Any) -> Any:
+  """`tree` with `optax.MaskedNode` wherever `like` has one.
+
+  Inside `optax.masked` / `optax.multi_transform` the transformation sees
+  params and gradients with the excluded leaves replaced by `MaskedNode`,
+  while the statistics and layouts cover the whole model.
+  """
+  if tree is None:
+    return None
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if not any(is_masked(x) for x in jax.tree.leaves(like, is_leaf=is_masked)):
+    return tree
+  return jax.tree.map(lambda u, t: u if is_masked(u) else t, like, tree,
+                      is_leaf=is_masked)
+
+
 def _leaf_layouts(treedef, leaves, paths, layouts) -> list[LayerLayout]:
   """Each leaf's static layout: from `layouts` where given, else the default."""
   if layouts is None:
@@ -241,8 +257,10 @@ def scale_by_adafisher(
     sdtype = utils.scalar_dtype(params)
     leaves, treedef = jax.tree.flatten(params)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    leaf_layouts = _leaf_layouts(treedef, leaves, paths,
+                                 _masked_like(layouts, params))
     dims = [_layout_dims(jnp.shape(x), lay)
-            for x, lay in zip(leaves, _leaf_layouts(treedef, leaves, paths, layouts))]
+            for x, lay in zip(leaves, leaf_layouts)]
     utils.check_moment_dtype("mu_dtype", mu_dtype, params)
     return AdaFisherState(
         count=jnp.zeros([], jnp.int32),
@@ -264,12 +282,13 @@ def scale_by_adafisher(
     grads = updates
     leaves, treedef = jax.tree.flatten(grads)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(grads)]
-    leaf_layouts = _leaf_layouts(treedef, leaves, paths, layouts)
+    leaf_layouts = _leaf_layouts(treedef, leaves, paths,
+                                 _masked_like(layouts, grads))
     if stats is None:
       leaf_stats = [None] * len(leaves)
     else:
       try:
-        leaf_stats = treedef.flatten_up_to(stats)
+        leaf_stats = treedef.flatten_up_to(_masked_like(stats, grads))
       except (ValueError, TypeError) as e:
         raise ValueError(
             "`stats` must be a pytree with the structure of the gradients whose "
