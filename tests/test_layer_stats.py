@@ -369,14 +369,39 @@ def test_describe_stats_says_why_not():
       lambda p, t: model.apply({"params": p}, t).sum(), params, tokens)
   lines = {line.split()[0]: line for line in report.splitlines()}
   assert "gather" in lines["['Embed_0']['embedding']"]
-  assert "grouped" in lines["['Conv_0']['kernel']"]
+  assert "conv kernel" in lines["['Conv_0']['kernel']"]  # Grouped: pooled.
   assert "RMSNorm" in lines["['RMSNorm_0']['scale']"]
   assert "not x - mean(x)" in lines["['gain']"]
   assert "dense kernel" in lines["['Dense_0']['kernel']"]
-  assert "grouped" in lines["['Conv_0']['bias']"]
-  assert report.splitlines()[-1] == "2 of 7 leaves have statistics.", report
+  assert "conv bias" in lines["['Conv_0']['bias']"]
+  assert report.splitlines()[-1] == "4 of 7 leaves have statistics.", report
   # layers= restricts the kinds; a function without layers warns.
   with pytest.warns(UserWarning, match="no layer"):
     optax_soaa.value_grad_and_stats(lambda p: jnp.sum(p["w"] ** 2))({"w": jnp.ones(3)})
   with pytest.raises(ValueError, match="layers"):
     optax_soaa.value_grad_and_stats(jnp.sum, layers=("attention",))
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_convolution_pools_its_groups_like_the_reference(groups):
+  """The reference's patch extraction splits the channels into groups and
+  pools the groups' patches: h is over the (C / groups) kernel inputs."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).normal(size=(2, 6, 5, 4)) + 0.5
+  conv = nn.Conv(8, (3, 3), strides=2, padding="SAME",
+                 feature_group_count=groups)
+  params = conv.init(jax.random.key(0), jnp.asarray(x, jnp.float32))["params"]
+  loss_fn = lambda p, x: jnp.mean(conv.apply({"params": p}, x) ** 2)
+  _, _, extras = optax_soaa.value_grad_and_stats(loss_fn)(
+      params, jnp.asarray(x, jnp.float32))
+  width = 4 // groups
+  pooled = np.concatenate(
+      [x[..., g * width:(g + 1) * width] for g in range(groups)], axis=0)
+  np.testing.assert_allclose(extras["stats"]["kernel"].h,
+                             np_conv_h(pooled, (3, 3), 2, "SAME", True),
+                             rtol=RTOL)
+  assert extras["stats"]["kernel"].s.shape == (8,)
+  tx = optax_soaa.adafisher(1e-3)
+  updates, _ = tx.update(params, tx.init(params), params,
+                         stats=extras["stats"])
+  chex.assert_tree_all_finite(updates)

@@ -222,10 +222,14 @@ def scale_by_adafisher(
     nu_dtype: optional dtype of the ``"adam"`` fallback's second moment
       (e.g. float32 state for bfloat16 params); the params' dtype if None.
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
-      incoming statistics are averaged (``pmean``) before use. Not needed
-      when :func:`optax_soaa.value_grad_and_stats` already averaged them
-      (its own ``axis_name``; averaging twice changes nothing) or under
-      sharded ``jit``.
+      incoming statistics are averaged (``pmean``) before use. Prefer the
+      ``axis_name`` of :func:`optax_soaa.value_grad_and_stats`, which gives
+      the statistics of the whole batch across devices exactly; this one
+      averages per-device statistics, which differ from them (normalisation
+      layers' ``h`` and a dense layer's ``s`` depend on the batch size, and
+      min-max normalisation does not cancel all of it). With the collector's
+      averaging this one is not needed (averaging twice changes nothing);
+      under sharded ``jit`` neither is.
     layouts: which axes of each leaf are inputs, outputs and stacked layers:
       a pytree like params whose leaves are :class:`optax_soaa.LayerLayout`,
       :class:`LayerStats` (their layout is read) or None (the default
@@ -491,6 +495,19 @@ def adafisher(
     ``layouts=optax_soaa.stats_layouts(...)``.
   * The first refresh is the first step (count 0), as the reference's
     ``steps % TCov == 0`` with ``steps`` starting at 0.
+  * Where this library departs from the reference code, deliberately: a
+    layer called several times gets the mean of its statistics over the
+    calls (the reference's hooks update the running average once per call,
+    so its last call dominates); a convolution's ``h`` is the mean over
+    examples and output positions (the reference's grouped-convolution patch
+    layout divides it by the patch size once more, which min-max
+    normalisation all but cancels) and uses the true dilated patches (the
+    reference ignores dilation); under data parallelism the statistics of the
+    global batch are normalised (the reference all-reduces its running
+    averages after normalising per device); and BatchNorm over ``(B, D)`` or
+    ``(B, T, D)`` inputs, 1-D and 3-D convolutions, ``DenseGeneral`` and
+    einsum layers get statistics, where the reference (``Linear``,
+    ``Conv2d``, ``BatchNorm2d``, ``LayerNorm`` only) gives them ``F̃ = 1``.
   * Statistics are per layer vectors, so the state is Adam-like in memory:
     one params-sized momentum (two with ``fallback="adam"``) plus those
     vectors.

@@ -628,9 +628,13 @@ class _Finder:
     if k_idx != 1:
       self._reject(rec, kv.leaf, "a parameter as a convolution's input")
       return
-    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
-      self._reject(rec, kv.leaf, "a grouped convolution (no reference statistics)")
+    if params["batch_group_count"] != 1:
+      self._reject(rec, kv.leaf, "a convolution with batch groups")
       return
+    # A grouped convolution (depthwise: one group per channel) pools the
+    # patches of its groups, as the reference's patch extraction does: h is
+    # over the (C / groups) kernel inputs, averaged over groups too.
+    groups = params["feature_group_count"]
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     k_shape = tuple(eqn.invars[1].aval.shape)
     window = tuple(k_shape[d] for d in rhs_spec[2:])
@@ -648,12 +652,13 @@ class _Finder:
       # Patch extraction is linear: the patches of Σ_n x² are Σ_n patches(x)²,
       # so no patch tensor the size of the batch is built.
       x2 = jnp.sum(utils.abs_sq(x), axis=0, keepdims=True)
+      x2 = jnp.sum(x2.reshape((1, groups, -1) + x2.shape[2:]), axis=1)
       patches = lax.conv_general_dilated_patches(
           x2, window, strides, padding, lhs_dilation=lhs_dil,
           rhs_dilation=rhs_dil, precision=lax.Precision.HIGHEST)
       h = jnp.sum(patches, axis=tuple(range(2, patches.ndim)))[0]
       # Patch features are ordered (in, window...).
-      return h.reshape((x.shape[1],) + window) / max(rows, 1)
+      return h.reshape((x2.shape[1],) + window) / max(rows * groups, 1)
 
     in_dims = (rhs_spec[1],) + tuple(rhs_spec[2:])
     self._linear_site("conv", rec, kv, 0, h_fn, (out_spec[1],),
@@ -1241,7 +1246,8 @@ def value_grad_and_stats(
     reshapes, transposes, casts) — ``Dense``, ``DenseGeneral``, ``Einsum``,
     attention projections, ``eqx.nn.Linear``, ``x @ w``;
   * **conv**: a ``conv_general_dilated`` whose kernel is a params leaf, with
-    one group (any rank, strides, padding, dilation);
+    any groups (a grouped or depthwise convolution pools its groups' patches,
+    as the reference does), any rank, strides, padding, dilation;
   * a following add of a params leaf with one element per output is the
     layer's **bias**;
   * **layer_norm** / **batch_norm**: a feature-wise multiply (scale) and / or
