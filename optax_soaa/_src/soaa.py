@@ -414,6 +414,12 @@ def soaa(
     from a biased average (``dt`` then hits its lower bound once).
   * ``dt`` stays in ``[1-γ, 2]``: SOAA is Adam whose step is multiplied by
     ``dt`` wherever ``sqrt(ŝ) > dt F``. Compare against a tuned Adam.
+  * Where gradients are large (``ŝ`` above about 1), ``F = (1 + r) ŝ``
+    outweighs ``sqrt(ŝ)`` and the step shrinks to about ``α / |g|``: unlike
+    Adam's, SOAA's default step depends on the scale of the loss (on a
+    least-squares problem with gradients of 10 to 100, ``α = 1e-3`` barely
+    moved it). ``curvature="variance"`` (``v̂`` small where gradients are
+    consistent) or a larger ``α`` are the remedies.
   * Complex parameters, with gradients in optax's convention (the conjugate
     of JAX's, ``∂L/∂x + i ∂L/∂y``), are treated as optax's Adam treats them:
     squares are ``|g|²``, ``|m̂|²``, ``|g_adj|²`` and ``Σ m̂ g_adj`` is
