@@ -228,8 +228,10 @@ def markdown_report(payload: Dict[str, Any], heading_level: int = 2) -> str:
     mode = (f"mode: **sweep**, factors {sweep} × centre (adam-scale"
             f" {task['centers']['adam']:.3g}, sgd {task['centers']['sgd']:.3g},"
             f" arTuRO kl_bound {task['centers']['kl']:.3g})")
+  scale = (f"{epochs:.3g} epochs" if epochs else f"{task['num_steps']} steps")
   lines = [
-      f"{h} {task['name']}",
+      # The mode and length in the heading: one task can have several runs.
+      f"{h} {task['name']}: {'tuned' if tuned else 'sweep'}, {scale}",
       "",
       f"- command: `{env['command']}`",
   ]
