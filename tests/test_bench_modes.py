@@ -326,3 +326,29 @@ def test_plan_prints_the_expected_wall_time_and_trains_nothing(
   assert "adam:" in err and "ms/step" in err
   assert "expected wall time about" in err
   assert not out.exists()
+
+
+@pytest.mark.parametrize("direct_url, expected", [
+    (None, "0.0.8"),
+    ('{"url": "https://github.com/google-deepmind/kfac-jax", "vcs_info":'
+     ' {"vcs": "git", "commit_id": "babd8539f2e1aa0c7d1b2c3d4e5f60718293a4b5"}}',
+     "0.0.8 (git babd8539f2e1)"),
+])
+def test_results_record_which_kfac_jax_ran(monkeypatch, direct_url, expected):
+  # 0.0.8 from PyPI and kfac-jax's GitHub main share a version number; the
+  # environment tells them apart by the commit pip recorded.
+  dist = types.SimpleNamespace(
+      version="0.0.8",
+      read_text=lambda name: direct_url if name == "direct_url.json" else None)
+  monkeypatch.setattr(report.importlib.metadata, "distribution",
+                      lambda name: dist)
+  env = report.environment(["bench"])
+  assert env["kfac_jax"] == expected
+
+
+def test_results_without_kfac_jax_do_not_name_it(monkeypatch):
+  def missing(name):
+    raise report.importlib.metadata.PackageNotFoundError(name)
+
+  monkeypatch.setattr(report.importlib.metadata, "distribution", missing)
+  assert "kfac_jax" not in report.environment(["bench"])

@@ -8,7 +8,10 @@ drives it through that API on the same tasks, initial params and batches as
 the other optimizers. Install it with the ``kfac`` extra
 (``pip install 'optax-soaa[kfac]'``); without it, or when the installed
 release cannot run on the installed JAX, the benchmark lists it as
-unavailable with the reason.
+unavailable with the reason. kfac-jax 0.0.8, the latest release on PyPI,
+cannot trace on JAX >= 0.9.2; its GitHub main can (``pip install 'kfac-jax @
+git+https://github.com/google-deepmind/kfac-jax'``), and the results record
+which kfac-jax ran (version and git commit).
 
 Settings (kfac-jax's examples of *stochastic* training, where its authors
 advise against adaptive learning rate and momentum): the learning rate is
@@ -17,8 +20,8 @@ fixed at 0.9, damping adapted by the Levenberg-Marquardt rule (initial 1e-3,
 within [1e-6, 1e3]), and the library's defaults otherwise (curvature EMA
 0.95, inverses refreshed every 5 steps, damping adapted every 5 steps). Its
 curvature burn-in (5 steps that update only the curvature estimate) reads the
-run's first 5 batches; every parameter update then sees the same batch as the
-other optimizers' same step.
+run's first 5 batches (repeated when a run has fewer); every parameter update
+then sees the same batch as the other optimizers' same step.
 """
 
 import functools
@@ -32,6 +35,10 @@ import numpy as np
 import optax
 
 MODULE = "kfac_jax"
+# kfac-jax 0.0.8, its latest release, fails inside its layer matcher on JAX
+# >= 0.9.2; its GitHub main has the fix (google-deepmind/kfac-jax 222c299).
+FIX = ("its GitHub main runs on current JAX: pip install"
+       " 'kfac-jax @ git+https://github.com/google-deepmind/kfac-jax'")
 PIP_NAME = "kfac-jax"
 SETTINGS = dict(
     momentum=0.9,
@@ -86,7 +93,11 @@ class Member:
                burnin_batches: Iterable[Any]):
     self._opt = optimizer
     self._momentum = jnp.asarray(settings["momentum"], jnp.float32)
-    self._burnin = list(itertools.islice(burnin_batches,
+    # kfac-jax's burn-in reads exactly num_burnin_steps batches: a run with
+    # fewer batches than that repeats them.
+    first = list(itertools.islice(burnin_batches,
+                                  settings["num_burnin_steps"]))
+    self._burnin = list(itertools.islice(itertools.cycle(first),
                                          settings["num_burnin_steps"]))
     self.params = params
     self.state = optimizer.init(params, key, self._burnin[0])
@@ -139,5 +150,5 @@ def unavailable_reason() -> Optional[str]:
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).splitlines()[0] if str(e) else ""
     return (f"{PIP_NAME} {getattr(kfac_jax, '__version__', '?')} cannot run"
-            f" with jax {jax.__version__}: {type(e).__name__}: {first}")
+            f" with jax {jax.__version__}: {type(e).__name__}: {first} ({FIX})")
   return None

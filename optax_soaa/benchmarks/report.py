@@ -1,6 +1,7 @@
 """Results files, Markdown tables, plots and BENCHMARKS.md of the benchmark tool."""
 
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -68,7 +69,28 @@ def environment(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       python=platform.python_version(),
       jax=jax.__version__, optax=optax.__version__, flax=flax.__version__,
       git_commit=_git_commit(),
+      **({"kfac_jax": kfac} if (kfac := _kfac_jax_version()) else {}),
   )
+
+
+def _kfac_jax_version() -> Optional[str]:
+  """kfac-jax's version, with the commit when installed from git; else None.
+
+  Read from its distribution metadata, without importing it: the released
+  0.0.8 and the GitHub main the benchmark can run (see kfac_baseline) carry
+  the same version number.
+  """
+  try:
+    dist = importlib.metadata.distribution("kfac-jax")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  version = dist.version
+  try:
+    url = json.loads(dist.read_text("direct_url.json") or "null") or {}
+  except ValueError:
+    url = {}
+  commit = (url.get("vcs_info") or {}).get("commit_id")
+  return f"{version} (git {commit[:12]})" if commit else version
 
 
 # -- JSON ---------------------------------------------------------------------
@@ -242,7 +264,8 @@ def markdown_report(payload: Dict[str, Any], heading_level: int = 2) -> str:
       f"- date: {env['date']}; commit: {env.get('git_commit') or 'unknown'}",
       f"- machine: {env['machine']}; device: {env['device']}",
       f"- versions: python {env['python']}, jax {env['jax']}, optax"
-      f" {env['optax']}, flax {env['flax']}",
+      f" {env['optax']}, flax {env['flax']}"
+      + (f", kfac-jax {env['kfac_jax']}" if env.get("kfac_jax") else ""),
       f"- {mode}",
       f"- {length}, seeds: {payload['seeds']}"
       + (f", execution: {payload['execution']}" if payload.get("execution")
