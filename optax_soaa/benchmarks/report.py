@@ -251,6 +251,9 @@ def markdown_report(payload: Dict[str, Any], heading_level: int = 2) -> str:
             f" {task['centers']['adam']:.3g}, sgd {task['centers']['sgd']:.3g},"
             f" arTuRO kl_bound {task['centers']['kl']:.3g})")
   scale = (f"{epochs:.3g} epochs" if epochs else f"{task['num_steps']} steps")
+  # A resumed run may be the first to have kfac-jax (its K-FAC rows).
+  kfac = next((e["kfac_jax"] for e in reversed(
+      payload.get("environments") or [env]) if e.get("kfac_jax")), None)
   lines = [
       # The mode and length in the heading: one task can have several runs.
       f"{h} {task['name']}: {'tuned' if tuned else 'sweep'}, {scale}",
@@ -265,7 +268,7 @@ def markdown_report(payload: Dict[str, Any], heading_level: int = 2) -> str:
       f"- machine: {env['machine']}; device: {env['device']}",
       f"- versions: python {env['python']}, jax {env['jax']}, optax"
       f" {env['optax']}, flax {env['flax']}"
-      + (f", kfac-jax {env['kfac_jax']}" if env.get("kfac_jax") else ""),
+      + (f", kfac-jax {kfac}" if kfac else ""),
       f"- {mode}",
       f"- {length}, seeds: {payload['seeds']}"
       + (f", execution: {payload['execution']}" if payload.get("execution")
