@@ -352,3 +352,34 @@ def test_results_without_kfac_jax_do_not_name_it(monkeypatch):
 
   monkeypatch.setattr(report.importlib.metadata, "distribution", missing)
   assert "kfac_jax" not in report.environment(["bench"])
+
+
+def test_recorded_commit_is_modified_only_by_the_package(tmp_path):
+  # A checkout whose results changed still ran its commit's code; one whose
+  # package changed did not.
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  if shutil.which("git") is None:
+    pytest.skip("git is not installed")
+  repo = tmp_path / "repo"
+  (repo / "optax_soaa" / "benchmarks").mkdir(parents=True)
+  (repo / "results").mkdir()
+  fake_report = repo / "optax_soaa" / "benchmarks" / "report.py"
+  fake_report.write_text("# code\n")
+  (repo / "results" / "r.json").write_text("{}\n")
+  git = lambda *a: subprocess.run(
+      ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
+       *a], check=True, capture_output=True, text=True).stdout.strip()
+  git("init", "-q")
+  git("add", ".")
+  git("commit", "-qm", "init")
+  head = git("rev-parse", "--short", "HEAD")
+  orig = report.__file__
+  try:
+    report.__file__ = str(fake_report)
+    (repo / "results" / "r.json").write_text('{"a": 1}\n')
+    assert report._git_commit() == head
+    fake_report.write_text("# changed\n")
+    assert report._git_commit() == head + "+modified"
+  finally:
+    report.__file__ = orig

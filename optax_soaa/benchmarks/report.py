@@ -40,9 +40,12 @@ def _git_commit() -> Optional[str]:
     commit = out.stdout.strip()
     if not commit:
       return None
+    # "+modified" when the code that runs (the package) differs from the
+    # commit; results written into the checkout (results/bench/) do not count.
     dirty = subprocess.run(
         ["git", "-C", str(root), "status", "--porcelain",
-         "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+         "--untracked-files=no", "--", "optax_soaa"],
+        capture_output=True, text=True, timeout=5)
     return commit + ("+modified" if dirty.stdout.strip() else "")
   except (OSError, subprocess.SubprocessError):
     return None
