@@ -128,8 +128,8 @@ def unavailable_reason() -> Optional[str]:
   try:
     kfac_jax = _import()
   except ImportError as e:
-    return (f"{PIP_NAME} is not installed (pip install {PIP_NAME}, or the"
-            f" `kfac` extra): {e}")
+    return (f"{PIP_NAME} is not installed (the `kfac` extra;"
+            f" {FIX}): {e}")
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 2, 8), jnp.int32)
