@@ -9,6 +9,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from optax_soaa import bench
@@ -233,6 +234,7 @@ class _FakeKfac:
         assert value_func_has_rng and l2_reg == 0.0
         assert not kwargs["use_adaptive_learning_rate"]
         self.vg, self.burnin = value_and_grad_func, num_burnin_steps
+        fake.block_ctors = kwargs.get("layer_tag_to_block_ctor")
 
       def init(self, params, rng, batch):
         del rng, batch
@@ -250,10 +252,59 @@ class _FakeKfac:
         fake.calls.append(("step", global_step_int, float(learning_rate)))
         return params, state, dict(loss=loss, damping=jnp.asarray(1e-3))
 
+    class Conv2DTwoKroneckerFactored:
+      pass
+
     self.Optimizer = Optimizer
+    self.Conv2DTwoKroneckerFactored = Conv2DTwoKroneckerFactored
 
   def register_softmax_cross_entropy_loss(self, logits, targets, weight):
     self.registered.append((logits.shape, targets.shape, weight))
+
+
+def test_kfac_explicit_patches_conv_block_matches_kfac_jax():
+  """The CPU conv block's factors equal kfac-jax's own (real kfac-jax only)."""
+  kfac_jax = pytest.importorskip("kfac_jax")
+  if kfac_baseline.unavailable_reason():
+    pytest.skip(kfac_baseline.unavailable_reason())
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(6, (3, 2), strides=(2, 1), padding="SAME")(x))
+      x = nn.Conv(4, (2, 2), padding="VALID", use_bias=False)(x)
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  net = Net()
+  x = jax.random.normal(jax.random.key(0), (5, 9, 8, 3))
+  y = jnp.arange(5) % 3
+  params = net.init(jax.random.key(1), x)
+
+  def loss(p, batch):
+    logits = net.apply(p, batch[0])
+    kfac_jax.register_softmax_cross_entropy_loss(logits, batch[1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch[1]).mean()
+
+  def factors(ctors):
+    est = kfac_jax.BlockDiagonalCurvature(
+        loss, layer_tag_to_block_ctor=ctors,
+        default_estimation_mode="fisher_empirical")
+    args = (params, (x, y))
+    state = est.init(jax.random.key(2), args, None, None)
+    state = est.update_curvature_matrix_estimate(
+        state, 0.0, 1.0, 0.0, 5, jax.random.key(3), args)
+    return [type(b).__name__ for b in est.blocks], state
+
+  ours = kfac_baseline._explicit_patches_conv_block(kfac_jax)
+  names, got = factors({"conv2d": ours})
+  ref_names, want = factors(None)
+  assert names.count(ours.__name__) == 2 and ours.__name__ not in ref_names
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a, np.float64),
+                               np.asarray(b, np.float64), rtol=1e-5, atol=1e-6)
 
 
 def test_kfac_unavailable_when_not_installed(monkeypatch):
@@ -287,6 +338,9 @@ def test_kfac_runs_through_its_own_optimizer_api(monkeypatch):
     kfac_baseline.unavailable_reason.cache_clear()
   assert r["status"] == "ok", r.get("reason")
   assert r["execution"] == "sequential"
+  # On the CPU, kfac-jax's conv blocks get their input factor from explicit
+  # patches (kfac_baseline's docstring says why).
+  assert issubclass(fake.block_ctors["conv2d"], fake.Conv2DTwoKroneckerFactored)
   # Burn-in once per member, at its first step, then one step per batch.
   steps = [c for c in fake.calls if c[0] == "step"]
   members = [s for s in steps if s[1] == 0]

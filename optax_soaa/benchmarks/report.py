@@ -72,8 +72,14 @@ def environment(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       python=platform.python_version(),
       jax=jax.__version__, optax=optax.__version__, flax=flax.__version__,
       git_commit=_git_commit(),
-      **({"kfac_jax": kfac} if (kfac := _kfac_jax_version()) else {}),
+      **({"kfac_jax": kfac, "kfac_conv_input_stats": _kfac_conv_stats()}
+         if (kfac := _kfac_jax_version()) else {}),
   )
+
+
+def _kfac_conv_stats() -> str:
+  from optax_soaa.benchmarks import kfac_baseline  # pylint: disable=g-import-not-at-top
+  return kfac_baseline.conv_input_stats()
 
 
 def _kfac_jax_version() -> Optional[str]:
@@ -255,8 +261,11 @@ def markdown_report(payload: Dict[str, Any], heading_level: int = 2) -> str:
             f" arTuRO kl_bound {task['centers']['kl']:.3g})")
   scale = (f"{epochs:.3g} epochs" if epochs else f"{task['num_steps']} steps")
   # A resumed run may be the first to have kfac-jax (its K-FAC rows).
-  kfac = next((e["kfac_jax"] for e in reversed(
-      payload.get("environments") or [env]) if e.get("kfac_jax")), None)
+  kfac_env = next((e for e in reversed(payload.get("environments") or [env])
+                   if e.get("kfac_jax")), {})
+  kfac = kfac_env.get("kfac_jax")
+  if kfac_env.get("kfac_conv_input_stats") == "explicit-patches":
+    kfac += ", conv input factor from explicit patches"
   lines = [
       # The mode and length in the heading: one task can have several runs.
       f"{h} {task['name']}: {'tuned' if tuned else 'sweep'}, {scale}",
@@ -486,7 +495,10 @@ Regenerate with
   `kfac_jax.register_softmax_cross_entropy_loss`; learning rate swept and
   scheduled like the others, momentum {kfac_momentum}, adaptive damping from
   {kfac_damping}, its {kfac_burnin}-step curvature burn-in on the run's first
-  {kfac_burnin} batches). An optimizer whose
+  {kfac_burnin} batches; on the CPU its convolution blocks compute the same
+  input factor from explicit patches, as kfac-jax's patch-moment routine
+  is slow on XLA:CPU; the environment's `kfac_conv_input_stats` says which
+  ran). An optimizer whose
   API or package is missing, or that cannot run on the installed JAX, is
   listed as unavailable with the reason.
   Fixed settings: library defaults except where a task names tuned values
