@@ -250,13 +250,24 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
       if set(seeds) <= {c["seed"] for c in old["curves"]}:
         results[opt] = old
 
+  # A resumed run's optimizers that this invocation does not name stay in
+  # the results as they were (resuming to add one optimizer keeps the rest).
+  carried = {o: r for o, r in (previous.get("optimizers") or {}).items()
+             if o not in optimizers}
+  planned = list(dict.fromkeys(
+      list(previous.get("planned_optimizers") or []) + list(carried)
+      + list(optimizers)))
+
   def save(complete):
-    ordered = {o: results[o] for o in optimizers if o in results}
+    ordered = {o: results.get(o) or carried[o] for o in planned
+               if o in results or o in carried}
     summary = runner_lib.summarize(ordered, task)
+    complete = (complete and previous.get("complete", True) if carried
+                else complete) and all(o in ordered for o in planned)
     payload = dict(environment=environments[0], environments=environments,
                    task=task_desc, mode=mode, seeds=list(seeds),
                    execution=runner.execution, optimizers=ordered,
-                   complete=complete, planned_optimizers=list(optimizers),
+                   complete=complete, planned_optimizers=planned,
                    **summary)
     payload["wall_s"] = earlier_wall + time.perf_counter() - t_start
     report.write_json(path, payload)
@@ -267,8 +278,9 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
        f" {'1 tuned value' if mode == 'tuned' else f'{len(task.factors)} sweep values'}"
        f" x {len(seeds)} seed(s), {runner.execution} execution;"
        f" to run: {', '.join(todo) or 'nothing'}"
-       + (f"; kept from {path}: {', '.join(o for o in optimizers if o in results)}"
-          if len(todo) < len(optimizers) else ""))
+       + (f"; kept from {path}: "
+          + ", ".join(o for o in planned if o in results or o in carried)
+          if len(todo) < len(optimizers) or carried else ""))
   for opt in optimizers:
     if mode == "tuned" and opt in tuned:
       _log(f"  {opt}: {opt_lib.REGISTRY[opt].swept} = {tuned[opt][0]:.6g}"

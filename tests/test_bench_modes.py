@@ -77,6 +77,29 @@ def test_stopped_run_keeps_finished_seeds_and_resume_skips_them(
   assert "resumed: `python -m optax_soaa.bench" in report.markdown_report(done)
 
 
+def test_resume_with_other_optimizers_keeps_the_finished_ones(
+    tmp_path, monkeypatch):
+  out = tmp_path / "run"
+  _main(BASE + ["--optimizers", "sgd", "--out", str(out)])
+  first = _load(out)
+  trained = []
+  original = runner_lib.TaskRunner._train_seed
+
+  def train_seed(self, plan, spec, values, seed, bar):
+    trained.append(spec.name)
+    return original(self, plan, spec, values, seed, bar)
+
+  monkeypatch.setattr(runner_lib.TaskRunner, "_train_seed", train_seed)
+  _main(BASE + ["--optimizers", "adamw", "--out", str(out), "--resume"])
+  assert trained == ["adamw"]
+  done = _load(out)
+  assert list(done["optimizers"]) == ["adam", "sgd", "adamw"]
+  assert done["planned_optimizers"] == ["adam", "sgd", "adamw"]
+  assert done["optimizers"]["sgd"] == first["optimizers"]["sgd"]
+  assert done["complete"] is True
+  assert "| sgd |" in report.markdown_report(done)
+
+
 def test_resume_refuses_a_different_run(tmp_path):
   out = tmp_path / "run"
   _main(BASE + ["--optimizers", "adam", "--out", str(out)])
