@@ -262,8 +262,11 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
     ordered = {o: results.get(o) or carried[o] for o in planned
                if o in results or o in carried}
     summary = runner_lib.summarize(ordered, task)
-    complete = (complete and previous.get("complete", True) if carried
-                else complete) and all(o in ordered for o in planned)
+    # Complete: every planned optimizer ran every seed (or could not run).
+    complete = complete and all(
+        o in ordered and (ordered[o].get("status") != "ok" or set(seeds) <= {
+            c["seed"] for c in ordered[o].get("curves", [])})
+        for o in planned)
     payload = dict(environment=environments[0], environments=environments,
                    task=task_desc, mode=mode, seeds=list(seeds),
                    execution=runner.execution, optimizers=ordered,

@@ -82,6 +82,10 @@ def test_resume_with_other_optimizers_keeps_the_finished_ones(
   out = tmp_path / "run"
   _main(BASE + ["--optimizers", "sgd", "--out", str(out)])
   first = _load(out)
+  # A stopped run (adamw planned, not run) that the resume completes.
+  first["complete"], first["planned_optimizers"] = False, ["adam", "sgd",
+                                                           "adamw"]
+  report.write_json(out / report.RESULTS_FILE, first)
   trained = []
   original = runner_lib.TaskRunner._train_seed
 
