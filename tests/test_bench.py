@@ -275,3 +275,30 @@ def test_lm_task_batches_are_shifted_windows(tmp_path):
   loss = float(jax.jit(task.loss_fn)(params, (x, y), jax.random.key(1)))
   # An untrained byte model is near uniform over 256 values.
   assert abs(loss - math.log(256)) < 1.0
+
+
+def test_step_timing_spans_the_optimizers_cost_period():
+  """A step that is costly every 4th step is timed at its mean cost."""
+  assert opt_lib.REGISTRY["sophia"].period({}) == 10  # optax's default
+  assert opt_lib.REGISTRY["sophia"].period(
+      {"sophia": {"update_interval": 3}}) == 3
+  assert opt_lib.REGISTRY["adafisher"].period({}) == 100
+  assert opt_lib.REGISTRY["adam"].period({}) == 1
+  task = tasks_lib.make_task("digits-mlp", steps=8)
+  runner = runner_lib.TaskRunner(task, progress=False, timing_pairs=1,
+                                 timing_inner=3, min_sample_s=0.0)
+  calls = []
+
+  def fake_stepper(spec):
+    def run(n):
+      calls.append((spec.name, n))
+      return 1.0
+    return run, 1
+
+  runner.stepper = fake_stepper
+  spec = dataclasses.replace(opt_lib.REGISTRY["sgd"], name="periodic",
+                             period=lambda hp: 4)
+  timing = runner.time_step(spec)
+  assert timing["cost_period"] == 4
+  assert timing["timing_inner_steps"] == 4  # 3 rounded up to the period
+  assert ("periodic", 4) in calls and ("adam", 4) in calls

@@ -109,6 +109,17 @@ def _explicit_patches_conv_block(kfac_jax):
   return ExplicitPatchesConv2D
 
 
+def inverse_update_period() -> int:
+  """Steps between kfac-jax's inverse refreshes (its Optimizer's default)."""
+  try:
+    kfac_jax = _import()
+  except ImportError:
+    return 1
+  import inspect  # pylint: disable=g-import-not-at-top
+  return int(inspect.signature(kfac_jax.Optimizer).parameters[
+      "inverse_update_period"].default)
+
+
 def conv_input_stats() -> str:
   """Which input factor of kfac-jax's Conv2D blocks the benchmark uses here."""
   return "explicit-patches" if jax.default_backend() == "cpu" else "kfac-jax"

@@ -13,6 +13,7 @@ through its own API (``kfac_baseline``), with the same swept learning rate.
 """
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import optax
@@ -52,6 +53,12 @@ class OptimizerSpec:
   # "optax": a GradientTransformation from `build`; "kfac": kfac-jax's own
   # Optimizer (see kfac_baseline), `build` unused.
   kind: str = "optax"
+  # (task hyperparameters) -> the number of steps over which the step's cost
+  # repeats (Sophia's Hessian estimate every `update_interval` steps,
+  # AdaFisher's statistics every `stats_every`, K-FAC's inverses every 5):
+  # each timing sample spans a whole period, so the measured step time is
+  # the mean cost of a training step, not that of the cheap steps.
+  period: Callable[[Mapping[str, Any]], int] = lambda hp: 1
 
   @property
   def swept(self) -> str:
@@ -111,6 +118,15 @@ def _sgd(hp, total_steps):
   return make
 
 
+def _default(fn, name):
+  return inspect.signature(fn).parameters[name].default
+
+
+def _period(name, fn, arg):
+  """hp -> `arg` of optimizer `name` (its task value, else fn's default)."""
+  return lambda hp: int(hp.get(name, {}).get(arg, _default(fn, arg)))
+
+
 def _sophia(hp, total_steps):
   del total_steps
   return lambda learning_rate: optax.contrib.sophia(
@@ -157,11 +173,13 @@ REGISTRY: Dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "adafisher", "adam", _adafisher("adafisher"), frozenset({STATS}),
             description="optax_soaa.adafisher, stats from optax_soaa.flax",
-            available=_adafisher_available),
+            available=_adafisher_available,
+            period=_period("adafisher", optax_soaa.adafisher, "stats_every")),
         OptimizerSpec(
             "adafisherw", "adam", _adafisher("adafisherw"), frozenset({STATS}),
             description="optax_soaa.adafisherw, stats from optax_soaa.flax",
-            available=_adafisher_available),
+            available=_adafisher_available,
+            period=_period("adafisherw", optax_soaa.adafisherw, "stats_every")),
         OptimizerSpec(
             "adamw", "adam", _adamw, description="optax.adamw"),
         OptimizerSpec(
@@ -169,13 +187,15 @@ REGISTRY: Dict[str, OptimizerSpec] = {
             description="optax.sgd with momentum (+ L2 weight decay)"),
         OptimizerSpec(
             "sophia", "adam", _sophia, frozenset({OBJ_FN}),
-            description="optax.contrib.sophia (Hutchinson), obj_fn=batch loss"),
+            description="optax.contrib.sophia (Hutchinson), obj_fn=batch loss",
+            period=_period("sophia", optax.contrib.sophia, "update_interval")),
         OptimizerSpec(
             "kfac", "adam", _kfac, diagnostic="damping",
             description="kfac_jax.Optimizer (its own step; adaptive damping,"
                         " momentum 0.9)",
             available=kfac_baseline.unavailable_reason,
-            step_diagnostics=("damping",), kind="kfac"),
+            step_diagnostics=("damping",), kind="kfac",
+            period=lambda hp: kfac_baseline.inverse_update_period()),
     )
 }
 

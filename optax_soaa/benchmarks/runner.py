@@ -561,6 +561,11 @@ class TaskRunner:
     per_step = min(run_adam(1), run_opt(1))
     inner = int(min(500, max(self.timing_inner,
                              math.ceil(self.min_sample_s / max(per_step, 1e-7)))))
+    # Whole periods of the optimizer's costly steps (Sophia's Hessian
+    # estimate, AdaFisher's statistics, K-FAC's inverses) in every sample:
+    # a median over shorter samples measures the cheap steps only.
+    period = max(1, int(spec.period(self.task.hp)))
+    inner = -(-max(inner, period) // period) * period
     ratios, t_adam, t_opt = [], [], []
     for i in range(self.timing_pairs):
       if i % 2 == 0:
@@ -574,7 +579,8 @@ class TaskRunner:
                 step_time_s=statistics.median(t_opt),
                 adam_step_time_s=statistics.median(t_adam),
                 timing_pairs=self.timing_pairs,
-                timing_inner_steps=inner, state_bytes=state_bytes,
+                timing_inner_steps=inner, cost_period=period,
+                state_bytes=state_bytes,
                 compile_s=compile_s,
                 timing_wall_s=time.perf_counter() - t_start)
 
