@@ -140,12 +140,25 @@ def tuned_values(task: tasks_lib.Task, optimizers: Sequence[str],
                        f" run, not {task.name}")
     if sweep.get("mode", "sweep") != "sweep":
       raise SystemExit(f"--tuned-from {sweep_path} is not a sweep")
-    env = sweep["environment"]
-    where = (f"picked by the sweep {sweep_path} (`{env['command']}`,"
-             f" {env['date']}, commit {env.get('git_commit') or 'unknown'})")
+    envs = sweep.get("environments") or [sweep["environment"]]
+
+    def where(r):
+      # The invocation that trained this optimizer (a resumed sweep has
+      # several); older results files do not record it.
+      i = r.get("environment_index", 0 if len(envs) == 1 else None)
+      if i is None:
+        commits = ", ".join(dict.fromkeys(
+            e.get("git_commit") or "unknown" for e in envs))
+        return (f"picked by the sweep {sweep_path} (run over {len(envs)}"
+                f" invocations, commits {commits}; which one trained it is"
+                " not recorded)")
+      env = envs[i]
+      return (f"picked by the sweep {sweep_path} (`{env['command']}`,"
+              f" {env['date']}, commit {env.get('git_commit') or 'unknown'})")
+
     for name, r in sweep["optimizers"].items():
       if r.get("status") == "ok" and r.get("best_value") is not None:
-        picked[name] = (float(r["best_value"]), where)
+        picked[name] = (float(r["best_value"]), where(r))
   out, missing = {}, []
   for name in optimizers:
     if name in task.tuned:
@@ -330,6 +343,8 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
     def with_source(result, opt=opt):
       if mode == "tuned" and result.get("status") == "ok":
         result["value_source"] = tuned[opt][1]
+      # Which invocation of a resumed run trained it (its environment).
+      result["environment_index"] = len(environments) - 1
       return result
 
     def on_seed(partial, opt=opt):

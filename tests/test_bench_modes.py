@@ -142,6 +142,27 @@ def test_tuned_mode_takes_the_sweeps_picked_values(tmp_path, monkeypatch):
   assert "mean ± sd (n=2)" in md
 
 
+def test_tuned_value_source_names_the_invocation_that_picked_it(tmp_path):
+  sweep = tmp_path / "sweep"
+  _main(BASE + ["--optimizers", "soaa", "--out", str(sweep)])
+  _main(BASE + ["--optimizers", "sgd", "--out", str(sweep), "--resume"])
+  results = _load(sweep)
+  assert [results["optimizers"][o]["environment_index"]
+          for o in ("adam", "soaa", "sgd")] == [0, 0, 1]
+  path = str(sweep / report.RESULTS_FILE)
+  task = tasks_lib.make_task("digits-mlp", steps=8)
+  got = bench.tuned_values(task, ["soaa", "sgd"], path)
+  assert "--optimizers soaa" in got["soaa"][1]
+  assert "--optimizers sgd" in got["sgd"][1]
+  # A results file that does not record it says so instead of guessing.
+  for r in results["optimizers"].values():
+    del r["environment_index"]
+  report.write_json(sweep / report.RESULTS_FILE, results)
+  got = bench.tuned_values(task, ["sgd"], path)
+  assert "run over 2 invocations" in got["sgd"][1]
+  assert "not recorded" in got["sgd"][1]
+
+
 # -- epochs -----------------------------------------------------------------------
 
 
