@@ -284,6 +284,7 @@ def test_step_timing_spans_the_optimizers_cost_period():
       {"sophia": {"update_interval": 3}}) == 3
   assert opt_lib.REGISTRY["adafisher"].period({}) == 100
   assert opt_lib.REGISTRY["adam"].period({}) == 1
+  assert opt_lib.REGISTRY["kfac"].period({}) == 5  # kfac-jax's default
   task = tasks_lib.make_task("digits-mlp", steps=8)
   runner = runner_lib.TaskRunner(task, progress=False, timing_pairs=1,
                                  timing_inner=3, min_sample_s=0.0)

@@ -195,7 +195,8 @@ REGISTRY: Dict[str, OptimizerSpec] = {
                         " momentum 0.9)",
             available=kfac_baseline.unavailable_reason,
             step_diagnostics=("damping",), kind="kfac",
-            period=lambda hp: kfac_baseline.inverse_update_period()),
+            period=lambda hp: {**kfac_baseline.SETTINGS, **hp.get("kfac", {})}[
+                "inverse_update_period"]),
     )
 }
 
