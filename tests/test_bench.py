@@ -303,3 +303,14 @@ def test_step_timing_spans_the_optimizers_cost_period():
   assert timing["cost_period"] == 4
   assert timing["timing_inner_steps"] == 4  # 3 rounded up to the period
   assert ("periodic", 4) in calls and ("adam", 4) in calls
+
+
+def test_baseline_costs_script_quick(tmp_path):
+  from optax_soaa.benchmarks import baseline_costs  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "costs.json"
+  result = baseline_costs.main(["--quick", "--rounds", "1", "--json", str(out)])
+  assert json.loads(out.read_text())["batch"] == 8
+  assert set(result["sophia_hvp_s"]) == {"gradient", "hvp", "hvp in lax.cond"}
+  assert all(v > 0 for v in result["sophia_hvp_s"].values())
+  conv = result["conv_input_factor_s"]
+  assert conv is None or all(v > 0 for v in conv.values())
