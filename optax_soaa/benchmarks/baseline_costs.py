@@ -119,6 +119,8 @@ def main(argv=None):
       device=str(jax.devices()[0].device_kind),
       machine=platform.processor() or platform.machine(),
       cpu_cores=os.cpu_count(), jax=jax.__version__,
+      # Other jobs on the machine inflate both sides of each comparison.
+      load_average_1min=os.getloadavg()[0],
       date_utc=datetime.datetime.now(datetime.timezone.utc).strftime(
           "%Y-%m-%d %H:%M"),
       command="python -m optax_soaa.benchmarks.baseline_costs " + " ".join(
