@@ -219,7 +219,7 @@ def results_table(payload: Dict[str, Any]) -> str:
                    " better.")
     if tuned and r.get("value_source"):
       notes.append(f"- `{name}`: {r['swept']} {_fmt(r['best_value'], '.6g')}"
-                   f" from {r['value_source']}")
+                   f" ({r['value_source']})")
     notes += _short_timing_note(name, r, payload)
   target = payload.get("target_test_loss")
   chosen = ("Each optimizer at its tuned value (below), mean over seeds." if
