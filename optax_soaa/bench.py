@@ -252,13 +252,14 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
   results: Dict[str, Dict[str, Any]] = {}
   kept: Dict[str, Dict[str, Any]] = {}
   for opt in optimizers:
-    # Kept only when it trained the same values (a changed sweep or tuned
-    # value trains again).
+    # Kept only when it trained the same values with the same settings (a
+    # changed sweep, tuned value or fixed setting trains again).
     old = (previous.get("optimizers") or {}).get(opt) or {}
     old_values, new_values = old.get("values", []), values_of(opt)
     if (old.get("status") == "ok" and new_values
         and len(old_values) == len(new_values)
-        and np.allclose(old_values, new_values, rtol=1e-6)):
+        and np.allclose(old_values, new_values, rtol=1e-6)
+        and old.get("hp", {}) == runner.recorded_hp(opt_lib.REGISTRY[opt])):
       kept[opt] = old
       if set(seeds) <= {c["seed"] for c in old["curves"]}:
         results[opt] = old

@@ -104,6 +104,27 @@ def test_resume_with_other_optimizers_keeps_the_finished_ones(
   assert "| sgd |" in report.markdown_report(done)
 
 
+def test_resume_trains_again_an_optimizer_whose_settings_changed(
+    tmp_path, monkeypatch):
+  out = tmp_path / "run"
+  _main(BASE + ["--optimizers", "sgd", "--out", str(out)])
+  first = _load(out)
+  # As if sgd had run with another fixed setting (a changed default).
+  first["optimizers"]["sgd"]["hp"] = {"momentum": 0.5}
+  report.write_json(out / report.RESULTS_FILE, first)
+  trained = []
+  original = runner_lib.TaskRunner._train_seed
+
+  def train_seed(self, plan, spec, values, seed, bar):
+    trained.append(spec.name)
+    return original(self, plan, spec, values, seed, bar)
+
+  monkeypatch.setattr(runner_lib.TaskRunner, "_train_seed", train_seed)
+  _main(BASE + ["--optimizers", "sgd", "--out", str(out), "--resume"])
+  assert trained == ["sgd"]  # adam's settings did not change: kept
+  assert _load(out)["optimizers"]["sgd"]["hp"] == {"momentum": 0.9}
+
+
 def test_resume_refuses_a_different_run(tmp_path):
   out = tmp_path / "run"
   _main(BASE + ["--optimizers", "adam", "--out", str(out)])
@@ -272,7 +293,7 @@ class _FakeKfac:
   __version__ = "fake"
 
   def __init__(self):
-    self.registered, self.calls = [], []
+    self.registered, self.calls, self.dampings = [], [], []
     fake = self
 
     class Optimizer:
@@ -283,13 +304,16 @@ class _FakeKfac:
         assert not kwargs["use_adaptive_learning_rate"]
         self.vg, self.burnin = value_and_grad_func, num_burnin_steps
         fake.block_ctors = kwargs.get("layer_tag_to_block_ctor")
+        fake.kwargs = kwargs
 
       def init(self, params, rng, batch):
         del rng, batch
         return jax.tree.map(jnp.zeros_like, params)
 
       def step(self, params, state, rng, data_iterator=None, batch=None,
-               learning_rate=None, momentum=None, global_step_int=None):
+               learning_rate=None, momentum=None, damping=None,
+               global_step_int=None):
+        fake.dampings.append(damping)
         if data_iterator is not None:
           burn = [next(data_iterator) for _ in range(self.burnin)]
           batch = next(data_iterator)
@@ -298,7 +322,11 @@ class _FakeKfac:
         state = jax.tree.map(lambda m, g: momentum * m + g, state, grads)
         params = jax.tree.map(lambda p, m: p - learning_rate * m, params, state)
         fake.calls.append(("step", global_step_int, float(learning_rate)))
-        return params, state, dict(loss=loss, damping=jnp.asarray(1e-3))
+        # kfac-jax's lr² gᵀF⁻¹g; here gᵀg, so the constraint can bind.
+        sq = learning_rate ** 2 * sum(
+            jnp.vdot(g, g) for g in jax.tree.leaves(grads))
+        return params, state, dict(loss=loss, damping=damping,
+                                   scaled_grad_norm_sq=sq)
 
     class Conv2DTwoKroneckerFactored:
       pass
@@ -403,7 +431,26 @@ def test_kfac_runs_through_its_own_optimizer_api(monkeypatch):
   assert fake.registered[0][2] == 1.0  # classification: weight 1
   test = np.asarray(r["curves"][0]["test_loss"], np.float64)
   assert test.shape == (5, 2) and (test[-1] < test[0]).all()
-  assert np.asarray(r["curves"][0]["per_step"]["damping"]).shape == (8, 2)
+  # kfac-jax's stochastic-training example: fixed damping given every step,
+  # a norm constraint, the slow curvature average; all recorded.
+  settings = kfac_baseline.SETTINGS
+  assert not fake.kwargs["use_adaptive_damping"]
+  assert fake.kwargs["norm_constraint"] == settings["norm_constraint"]
+  assert fake.kwargs["curvature_ema"] == settings["curvature_ema"]
+  assert fake.kwargs["inverse_update_period"] == settings[
+      "inverse_update_period"]
+  np.testing.assert_allclose(fake.dampings, settings["damping"])
+  assert r["hp"]["norm_constraint"] == settings["norm_constraint"]
+  per_step = r["curves"][0]["per_step"]
+  assert np.asarray(per_step["damping"]).shape == (8, 2)
+  scale = np.asarray(per_step["norm_scale"], np.float64)
+  assert scale.shape == (8, 2) and (scale <= 1).all() and (scale > 0).all()
+  payload = dict(mode="sweep", seeds=[0], optimizers={"kfac": r})
+  runner_lib.summarize(payload["optimizers"], task)
+  want = 100 * np.mean(scale[:, r["best_index"]] < 1 - 1e-6)
+  summary = report.diagnostics_summary(payload)
+  assert (f"`kfac`'s norm constraint shortened the step on {want:.0f} % of"
+          " steps") in summary
 
 
 def test_real_kfac_trains_digits():

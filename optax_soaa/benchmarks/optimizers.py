@@ -190,11 +190,11 @@ REGISTRY: Dict[str, OptimizerSpec] = {
             description="optax.contrib.sophia (Hutchinson), obj_fn=batch loss",
             period=_period("sophia", optax.contrib.sophia, "update_interval")),
         OptimizerSpec(
-            "kfac", "adam", _kfac, diagnostic="damping",
-            description="kfac_jax.Optimizer (its own step; adaptive damping,"
-                        " momentum 0.9)",
+            "kfac", "adam", _kfac, diagnostic="norm_scale",
+            description="kfac_jax.Optimizer (its own step; kfac-jax's"
+                        " stochastic-training example settings)",
             available=kfac_baseline.unavailable_reason,
-            step_diagnostics=("damping",), kind="kfac",
+            step_diagnostics=("damping", "norm_scale"), kind="kfac",
             period=lambda hp: {**kfac_baseline.SETTINGS, **hp.get("kfac", {})}[
                 "inverse_update_period"]),
     )

@@ -261,6 +261,17 @@ def diagnostics_summary(payload: Dict[str, Any]) -> Optional[str]:
                    f" of steps), its eta spanning {np.min(etas):.2g} to"
                    f" {np.max(etas):.2g} ({np.median(half):.2g} median over the"
                    " second half of training)")
+  for name, r in ok.items():
+    scales = [np.asarray(c["per_step"]["norm_scale"], np.float64)[
+        :, r["best_index"]] for c in r["curves"]
+              if "norm_scale" in c.get("per_step", {})]
+    if scales:
+      scales = np.concatenate(scales)
+      cut = scales < 1.0 - 1e-6
+      parts.append(f"`{name}`'s norm constraint shortened the step on"
+                   f" {100 * np.mean(cut):.0f} % of steps"
+                   + (f" (median factor {np.median(scales[cut]):.2g})"
+                      if cut.any() else ""))
   if not parts:
     return None
   where = (f"best value, all {len(payload['seeds'])} seed(s)"
@@ -519,9 +530,14 @@ Regenerate with
   the params) and K-FAC (`kfac`: kfac-jax's own `kfac_jax.Optimizer`, optional
   extra `kfac`; the softmax cross-entropy registered with
   `kfac_jax.register_softmax_cross_entropy_loss`; learning rate swept and
-  scheduled like the others, momentum {kfac_momentum}, adaptive damping from
-  {kfac_damping}, its {kfac_burnin}-step curvature burn-in on the run's first
-  {kfac_burnin} batches; on the CPU its convolution blocks compute the same
+  scheduled like the others; the settings of kfac-jax's own example of
+  stochastic training (examples/lrelunet101_imagenet; its full-batch
+  defaults adapt the damping, which falls to its floor on noisy batches):
+  momentum {kfac_momentum}, fixed damping {kfac_damping}, the update's
+  curvature-weighted squared norm constrained to {kfac_norm}, curvature
+  average {kfac_ema}, inverses every {kfac_period} steps, and its
+  {kfac_burnin}-step curvature burn-in on the run's first {kfac_burnin}
+  batches; on the CPU its convolution blocks compute the same
   input factor from explicit patches, as kfac-jax's patch-moment routine
   is slow on XLA:CPU; the environment's `kfac_conv_input_stats` says which
   ran). An optimizer whose
@@ -595,7 +611,9 @@ def protocol_text() -> str:
   return PROTOCOL.format(
       stats_every=stats_every, lm_stats_every=tasks.ADAFISHER_LM_STATS_EVERY,
       kfac_momentum=kfac_baseline.SETTINGS["momentum"],
-      kfac_damping=f"{kfac_baseline.SETTINGS['initial_damping']:g}",
+      kfac_damping=f"{kfac_baseline.SETTINGS['damping']:g}",
+      kfac_norm=f"{kfac_baseline.SETTINGS['norm_constraint']:g}",
+      kfac_ema=kfac_baseline.SETTINGS["curvature_ema"],
       kfac_burnin=kfac_baseline.SETTINGS["num_burnin_steps"],
       kfac_period=kfac_baseline.SETTINGS["inverse_update_period"],
       sophia_period=inspect.signature(optax.contrib.sophia).parameters[

@@ -29,6 +29,7 @@ interleaved with Adam's (median over pairs), before training starts, so the
 tool can print the expected wall time of the run.
 """
 
+import json
 import math
 import statistics
 import sys
@@ -246,15 +247,16 @@ class _KfacPlan:
 
   def run(self, member, values, data, idx, steps, key):
     (value,) = values
-    losses, damping = [], []
+    losses, diags = [], []
     for i, step in zip(idx, steps):
       lr = value * self._multiplier[step]
-      loss, damp = member.step(self.batch(data, i), lr,
+      loss, diag = member.step(self.batch(data, i), lr,
                                jax.random.fold_in(key, step))
       losses.append(loss)
-      damping.append(damp)
+      diags.append(diag)
     stack = lambda xs: jnp.stack(xs)[:, None]
-    return member, stack(losses), {"damping": stack(damping)}
+    return member, stack(losses), {
+        n: stack([d[n] for d in diags]) for n in diags[0]}
 
   @staticmethod
   def params(member):
@@ -336,6 +338,17 @@ class TaskRunner:
                 diagnostic=spec.diagnostic,
                 step_diagnostics=list(spec.step_diagnostics))
 
+  def recorded_hp(self, spec: opt_lib.OptimizerSpec) -> Dict[str, Any]:
+    """The settings a result records (a resumed run retrains on a change).
+
+    The task's fixed hyperparameters of this optimizer; for K-FAC, every
+    setting of kfac-jax's optimizer the benchmark passes.
+    """
+    hp = self.task.hp.get(spec.name.split("-")[0], {})
+    if spec.kind == "kfac":
+      hp = kfac_baseline.effective_settings(hp)
+    return json.loads(json.dumps(hp))
+
   def values(self, spec: opt_lib.OptimizerSpec) -> np.ndarray:
     center = self.task.centers[spec.scale]
     return np.asarray([center * f for f in self.task.factors], np.float32)
@@ -384,7 +397,7 @@ class TaskRunner:
     result.update(
         values=values.tolist(),
         factors=[float(v) / center for v in values], center=center,
-        hp=task.hp.get(spec.name.split("-")[0], {}),
+        hp=self.recorded_hp(spec),
         execution="sequential" if spec.kind == "kfac" else self.execution)
     previous = previous or {}
     seed_runs = [c for c in previous.get("curves", [])
