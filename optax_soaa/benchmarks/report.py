@@ -174,6 +174,37 @@ def _short_timing_note(name: str, r: Dict[str, Any],
           f" training step during the run was {_fmt(train, '.2f')}× Adam's."]
 
 
+# Beyond this factor between the timed step ratio and the training's own, a
+# table row says so.
+TIMING_DISAGREEMENT = 1.25
+
+
+def _timing_disagrees_note(name: str, r: Dict[str, Any],
+                           payload: Dict[str, Any]) -> List[str]:
+  """A note where the timed ratio and the training's measured one disagree.
+
+  The step ratio comes from interleaved samples taken before training (or by
+  the invocation that first trained the optimizer, when a run is resumed);
+  the training's own per-step time is measured over its evaluation
+  intervals. Both are shown when they differ by more than
+  TIMING_DISAGREEMENT, so that neither is taken on trust.
+  """
+  adam = payload["optimizers"].get("adam", {})
+  timed = r.get("step_time_ratio")
+  if name == "adam" or not timed or not adam.get("train_step_s"):
+    return []
+  train = (r.get("train_step_s") or math.nan) / adam["train_step_s"]
+  if not (math.isfinite(train) and train > 0):
+    return []
+  if max(train / timed, timed / train) <= TIMING_DISAGREEMENT:
+    return []
+  return [f"- `{name}`: its timed step ratio ({timed:.2f}×) and that of its"
+          f" training steps ({train:.2f}× Adam's, mean over evaluation"
+          " intervals) differ by more than"
+          f" {100 * (TIMING_DISAGREEMENT - 1):.0f} %; the wall time is what"
+          " the run took."]
+
+
 def results_table(payload: Dict[str, Any]) -> str:
   """The Markdown table of one results payload (one task)."""
   task = payload["task"]
@@ -220,7 +251,8 @@ def results_table(payload: Dict[str, Any]) -> str:
     if tuned and r.get("value_source"):
       notes.append(f"- `{name}`: {r['swept']} {_fmt(r['best_value'], '.6g')}"
                    f" ({r['value_source']})")
-    notes += _short_timing_note(name, r, payload)
+    notes += (_short_timing_note(name, r, payload)
+              or _timing_disagrees_note(name, r, payload))
   target = payload.get("target_test_loss")
   chosen = ("Each optimizer at its tuned value (below), mean over seeds." if
             tuned else "Best value chosen by final"
