@@ -449,7 +449,8 @@ def test_kfac_runs_through_its_own_optimizer_api(monkeypatch):
   runner_lib.summarize(payload["optimizers"], task)
   want = 100 * np.mean(scale[:, r["best_index"]] < 1 - 1e-6)
   summary = report.diagnostics_summary(payload)
-  assert (f"`kfac`'s norm constraint shortened the step on {want:.0f} % of"
+  want = f"{want:{'.2g' if 0 < want < 10 else '.0f'}}"
+  assert (f"`kfac`'s norm constraint shortened the step on {want} % of"
           " steps") in summary
 
 

@@ -300,8 +300,9 @@ def diagnostics_summary(payload: Dict[str, Any]) -> Optional[str]:
     if scales:
       scales = np.concatenate(scales)
       cut = scales < 1.0 - 1e-6
+      pct = 100 * np.mean(cut)
       parts.append(f"`{name}`'s norm constraint shortened the step on"
-                   f" {100 * np.mean(cut):.0f} % of steps"
+                   f" {pct:{'.2g' if 0 < pct < 10 else '.0f'}} % of steps"
                    + (f" (median factor {np.median(scales[cut]):.2g})"
                       if cut.any() else ""))
   if not parts:
