@@ -174,35 +174,35 @@ def _short_timing_note(name: str, r: Dict[str, Any],
           f" training step during the run was {_fmt(train, '.2f')}× Adam's."]
 
 
-# Beyond this factor between the timed step ratio and the training's own, a
-# table row says so.
+# Beyond this factor between an optimizer's timed step and its training
+# steps, a table row says so; below MIN_STEP_S a training step's time is
+# mostly the loop's own dispatch, and no note is made.
 TIMING_DISAGREEMENT = 1.25
+MIN_STEP_S = 0.01
 
 
 def _timing_disagrees_note(name: str, r: Dict[str, Any],
                            payload: Dict[str, Any]) -> List[str]:
-  """A note where the timed ratio and the training's measured one disagree.
+  """A note where an optimizer's timed step and its training steps disagree.
 
-  The step ratio comes from interleaved samples taken before training (or by
-  the invocation that first trained the optimizer, when a run is resumed);
-  the training's own per-step time is measured over its evaluation
-  intervals. Both are shown when they differ by more than
-  TIMING_DISAGREEMENT, so that neither is taken on trust.
+  The step ratio comes from timing samples taken before training (by the
+  invocation that first trained the optimizer, when a run is resumed); the
+  training's own per-step time is measured over its evaluation intervals.
+  Both are the same optimizer's seconds, so a difference is the machine's
+  (its load at either time) or the timing's; both are given when they differ
+  by more than TIMING_DISAGREEMENT, so that neither is taken on trust.
   """
-  adam = payload["optimizers"].get("adam", {})
-  timed = r.get("step_time_ratio")
-  if name == "adam" or not timed or not adam.get("train_step_s"):
-    return []
-  train = (r.get("train_step_s") or math.nan) / adam["train_step_s"]
-  if not (math.isfinite(train) and train > 0):
+  del payload  # the same signature as _short_timing_note
+  timed, train = r.get("step_time_s"), r.get("train_step_s")
+  if name == "adam" or not timed or not train or timed < MIN_STEP_S:
     return []
   if max(train / timed, timed / train) <= TIMING_DISAGREEMENT:
     return []
-  return [f"- `{name}`: its timed step ratio ({timed:.2f}×) and that of its"
-          f" training steps ({train:.2f}× Adam's, mean over evaluation"
-          " intervals) differ by more than"
-          f" {100 * (TIMING_DISAGREEMENT - 1):.0f} %; the wall time is what"
-          " the run took."]
+  return [f"- `{name}`: its timing samples measured {timed:.3g} s a step and"
+          f" its training {train:.3g} s a step (mean over evaluation"
+          f" intervals), more than {100 * (TIMING_DISAGREEMENT - 1):.0f} %"
+          " apart, so its step ratio is uncertain by as much; the wall time"
+          " is what the run took."]
 
 
 def results_table(payload: Dict[str, Any]) -> str:
