@@ -21,8 +21,9 @@ from optax_soaa._src import utils
 # materialises the operand of a reduction, and every subexpression shared by
 # several outputs, as a parameter-sized temporary: a fresh allocation and a
 # round trip to memory per step. Slices of this many elements keep them in
-# cache. (On the update-step benchmark at 10M parameters, SOAA's step ran
-# about 2.5x and arTuRO's about 3.5x slower over whole arrays on this CPU.)
+# cache. (On the update-step benchmark at 10M parameters on an idle 2-core
+# CPU, SOAA's step ran about 1.1x and arTuRO's about 2x slower over whole
+# arrays than in slices; more on a loaded machine.)
 CPU_CHUNK_SIZE = 4096
 
 
