@@ -37,6 +37,19 @@ def _load(out):
 # -- resume ---------------------------------------------------------------------
 
 
+def _record_training(monkeypatch):
+  """The names of the optimizers trained from now on, in order."""
+  trained = []
+  original = runner_lib.TaskRunner._train_seed
+
+  def train_seed(self, plan, spec, values, seed, bar):
+    trained.append(spec.name)
+    return original(self, plan, spec, values, seed, bar)
+
+  monkeypatch.setattr(runner_lib.TaskRunner, "_train_seed", train_seed)
+  return trained
+
+
 def test_stopped_run_keeps_finished_seeds_and_resume_skips_them(
     tmp_path, monkeypatch):
   out = tmp_path / "run"
@@ -86,14 +99,7 @@ def test_resume_with_other_optimizers_keeps_the_finished_ones(
   first["complete"], first["planned_optimizers"] = False, ["adam", "sgd",
                                                            "adamw"]
   report.write_json(out / report.RESULTS_FILE, first)
-  trained = []
-  original = runner_lib.TaskRunner._train_seed
-
-  def train_seed(self, plan, spec, values, seed, bar):
-    trained.append(spec.name)
-    return original(self, plan, spec, values, seed, bar)
-
-  monkeypatch.setattr(runner_lib.TaskRunner, "_train_seed", train_seed)
+  trained = _record_training(monkeypatch)
   _main(BASE + ["--optimizers", "adamw", "--out", str(out), "--resume"])
   assert trained == ["adamw"]
   done = _load(out)
@@ -112,14 +118,7 @@ def test_resume_trains_again_an_optimizer_whose_settings_changed(
   # As if sgd had run with another fixed setting (a changed default).
   first["optimizers"]["sgd"]["hp"] = {"momentum": 0.5}
   report.write_json(out / report.RESULTS_FILE, first)
-  trained = []
-  original = runner_lib.TaskRunner._train_seed
-
-  def train_seed(self, plan, spec, values, seed, bar):
-    trained.append(spec.name)
-    return original(self, plan, spec, values, seed, bar)
-
-  monkeypatch.setattr(runner_lib.TaskRunner, "_train_seed", train_seed)
+  trained = _record_training(monkeypatch)
   _main(BASE + ["--optimizers", "sgd", "--out", str(out), "--resume"])
   assert trained == ["sgd"]  # adam's settings did not change: kept
   assert _load(out)["optimizers"]["sgd"]["hp"] == {"momentum": 0.9}
