@@ -15,8 +15,9 @@ which kfac-jax ran (version and git commit).
 
 Settings: those of kfac-jax's own example of stochastic training without
 normalisation layers (``examples/lrelunet101_imagenet/pipeline.py``, the TAT
-ResNet): momentum fixed at 0.9, damping fixed at 1e-3, the update's
-curvature-weighted squared norm ``lr² uᵀ(F + λ)u`` constrained to 1e-3,
+ResNet): momentum fixed at 0.9, damping fixed at 1e-3, the step along the
+preconditioned gradient ``u = (F + λ)⁻¹g`` shortened where its
+curvature-weighted squared norm ``lr² uᵀ(F + λ)u`` exceeds 1e-3,
 curvature EMA 0.99, inverses refreshed every 50 steps; the learning rate is
 given every step (the swept value times the task's step schedule), as its
 authors advise against adaptive learning rate and momentum for stochastic
@@ -207,7 +208,8 @@ class Member:
 
     The diagnostics: the damping, and ``norm_scale``, the factor by which
     the norm constraint shortened the step (1 where it did not; kfac-jax
-    scales the update so that lr² uᵀ(F + λ)u stays within the constraint).
+    scales the preconditioned gradient u so that lr² uᵀ(F + λ)u stays
+    within the constraint, before adding the momentum term).
     """
     kwargs = dict(learning_rate=jnp.asarray(learning_rate, jnp.float32),
                   momentum=self._momentum, global_step_int=self.count)

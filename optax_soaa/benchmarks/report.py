@@ -564,10 +564,11 @@ Regenerate with
   extra `kfac`; the softmax cross-entropy registered with
   `kfac_jax.register_softmax_cross_entropy_loss`; learning rate swept and
   scheduled like the others; the settings of kfac-jax's own example of
-  stochastic training (examples/lrelunet101_imagenet; its full-batch
-  defaults adapt the damping, which falls to its floor on noisy batches):
-  momentum {kfac_momentum}, fixed damping {kfac_damping}, the update's
-  curvature-weighted squared norm constrained to {kfac_norm}, curvature
+  stochastic training (examples/lrelunet101_imagenet; with its full-batch
+  defaults, which adapt the damping, the damping fell to its floor on
+  fmnist-cnn): momentum {kfac_momentum}, fixed damping {kfac_damping}, the
+  step along the preconditioned gradient shortened where its
+  curvature-weighted squared norm exceeds {kfac_norm}, curvature
   average {kfac_ema}, inverses every {kfac_period} steps, and its
   {kfac_burnin}-step curvature burn-in on the run's first {kfac_burnin}
   batches; on the CPU its convolution blocks compute the same
