@@ -268,6 +268,13 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
   # the results as they were (resuming to add one optimizer keeps the rest).
   carried = {o: r for o, r in (previous.get("optimizers") or {}).items()
              if o not in optimizers}
+  for o, r in carried.items():
+    if (o in opt_lib.REGISTRY and r.get("status") == "ok"
+        and r.get("hp", {}) != runner.recorded_hp(opt_lib.REGISTRY[o])):
+      _log(f"--resume: {o} is kept as it ran, with settings that differ from"
+           f" this code's ({r.get('hp')} vs"
+           f" {runner.recorded_hp(opt_lib.REGISTRY[o])}); name it in"
+           " --optimizers to train it again")
   planned = list(dict.fromkeys(
       list(previous.get("planned_optimizers") or []) + list(carried)
       + list(optimizers)))

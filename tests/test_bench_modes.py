@@ -111,7 +111,7 @@ def test_resume_with_other_optimizers_keeps_the_finished_ones(
 
 
 def test_resume_trains_again_an_optimizer_whose_settings_changed(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch, capsys):
   out = tmp_path / "run"
   _main(BASE + ["--optimizers", "sgd", "--out", str(out)])
   first = _load(out)
@@ -122,6 +122,14 @@ def test_resume_trains_again_an_optimizer_whose_settings_changed(
   _main(BASE + ["--optimizers", "sgd", "--out", str(out), "--resume"])
   assert trained == ["sgd"]  # adam's settings did not change: kept
   assert _load(out)["optimizers"]["sgd"]["hp"] == {"momentum": 0.9}
+  # Not named again: kept as it ran, and the console says so.
+  again = _load(out)
+  again["optimizers"]["sgd"]["hp"] = {"momentum": 0.5}
+  report.write_json(out / report.RESULTS_FILE, again)
+  capsys.readouterr()
+  _main(BASE + ["--optimizers", "adamw", "--out", str(out), "--resume"])
+  assert "--resume: sgd is kept as it ran" in capsys.readouterr().err
+  assert _load(out)["optimizers"]["sgd"]["hp"] == {"momentum": 0.5}
 
 
 def test_resume_refuses_a_different_run(tmp_path):
@@ -448,7 +456,7 @@ def test_kfac_runs_through_its_own_optimizer_api(monkeypatch):
   runner_lib.summarize(payload["optimizers"], task)
   want = 100 * np.mean(scale[:, r["best_index"]] < 1 - 1e-6)
   summary = report.diagnostics_summary(payload)
-  want = f"{want:{'.2g' if 0 < want < 10 else '.0f'}}"
+  want = report._percent(want)  # pylint: disable=protected-access
   assert (f"`kfac`'s norm constraint shortened the step on {want} % of"
           " steps") in summary
 

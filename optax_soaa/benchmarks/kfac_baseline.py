@@ -16,17 +16,20 @@ which kfac-jax ran (version and git commit).
 Settings: those of kfac-jax's own example of stochastic training without
 normalisation layers (``examples/lrelunet101_imagenet/pipeline.py``, the TAT
 ResNet): momentum fixed at 0.9, damping fixed at 1e-3, the step along the
-preconditioned gradient ``u = (F + λ)⁻¹g`` shortened where its
-curvature-weighted squared norm ``lr² uᵀ(F + λ)u`` exceeds 1e-3,
+preconditioned gradient ``u`` (K-FAC's damped inverse curvature times the
+gradient ``g``) shortened where ``lr² gᵀu``, its squared norm under the
+curvature it inverts, exceeds 1e-3,
 curvature EMA 0.99, inverses refreshed every 50 steps; the learning rate is
 given every step (the swept value times the task's step schedule), as its
 authors advise against adaptive learning rate and momentum for stochastic
-training. kfac-jax's constructor defaults (damping adapted by the
-Levenberg-Marquardt rule every 5 steps, no norm constraint) are its
-full-batch settings, whose damping adaptation its README calls "of
-questionable effectiveness in the stochastic setting": run that way on the
-fmnist-cnn task, the damping fell to its floor (1e-6) within six epochs and
-the training loss rose at a constant learning rate. ``adaptive_damping`` in
+training. Until 5bc6e25 the benchmark ran its own choice instead: kfac-jax's
+Levenberg-Marquardt damping adaptation (every 5 steps, decay 0.9, from 1e-3
+within [1e-6, 1e3]) with the library's defaults otherwise (curvature EMA
+0.95, inverses every 5 steps, no norm constraint), settings kfac-jax's
+examples use for full-batch training (its examples/README.md calls damping
+adaptation "of questionable effectiveness in the stochastic setting"). On
+the fmnist-cnn task the damping fell to its floor (1e-6) within six epochs
+and the training loss rose at a constant learning rate. ``adaptive_damping`` in
 ``SETTINGS`` (a task's ``hp["kfac"]``) restores kfac-jax's adaptation with
 the given arguments. Its curvature burn-in (5 steps that update only the
 curvature estimate) reads the run's first 5 batches (repeated when a run has
@@ -67,9 +70,8 @@ FIX = ("its GitHub main runs on current JAX: pip install"
 PIP_NAME = "kfac-jax"
 # kfac-jax's own example of stochastic training without normalisation layers
 # (examples/lrelunet101_imagenet/pipeline.py at google-deepmind/kfac-jax
-# babd853): fixed damping, a norm constraint on the update, a slow curvature
-# average and rare inverses. The library's defaults (adaptive damping, no
-# norm constraint) are its full-batch settings.
+# babd853): fixed damping, a norm constraint on the step, a slow curvature
+# average and rare inverses.
 SETTINGS = dict(
     momentum=0.9,
     damping=1e-3,
@@ -172,7 +174,8 @@ def make_optimizer(loss_parts: Callable[..., Any], tokens_per_example: int,
       use_adaptive_learning_rate=False,
       use_adaptive_momentum=False,
       use_adaptive_damping=adaptive is not None,
-      **(dict(adaptive) if adaptive is not None else {}),
+      **({"initial_damping": settings["damping"], **adaptive}
+         if adaptive is not None else {}),
       norm_constraint=settings["norm_constraint"],
       curvature_ema=settings["curvature_ema"],
       num_burnin_steps=settings["num_burnin_steps"],
@@ -208,7 +211,7 @@ class Member:
 
     The diagnostics: the damping, and ``norm_scale``, the factor by which
     the norm constraint shortened the step (1 where it did not; kfac-jax
-    scales the preconditioned gradient u so that lr² uᵀ(F + λ)u stays
+    scales the preconditioned gradient u so that lr² gᵀu stays
     within the constraint, before adding the momentum term).
     """
     kwargs = dict(learning_rate=jnp.asarray(learning_rate, jnp.float32),

@@ -196,10 +196,12 @@ def _timing_disagrees_note(name: str, r: Dict[str, Any],
   timed, train = r.get("step_time_s"), r.get("train_step_s")
   if name == "adam" or not timed or not train or timed < MIN_STEP_S:
     return []
+  if r.get("execution") == "vmap" and len(r.get("values", [])) > 1:
+    return []  # a training step is a share of the vmapped members' step
   if max(train / timed, timed / train) <= TIMING_DISAGREEMENT:
     return []
   return [f"- `{name}`: its timing samples measured {timed:.3g} s a step and"
-          f" its training {train:.3g} s a step (mean over evaluation"
+          f" its training {train:.3g} s a step (median over evaluation"
           f" intervals), more than {100 * (TIMING_DISAGREEMENT - 1):.0f} %"
           " apart, so its step ratio is uncertain by as much; the wall time"
           " is what the run took."]
@@ -268,6 +270,15 @@ def results_table(payload: Dict[str, Any]) -> str:
       "\n\n" + "\n".join(notes) if notes else "") + "\n"
 
 
+def _percent(pct: float) -> str:
+  """A share in percent that reads 0 or 100 only when it is."""
+  if 0 < pct < 10:
+    return f"{pct:.2g}"
+  if 90 < pct < 100:
+    return f"{min(pct, 99.9):.1f}"
+  return f"{pct:.0f}"
+
+
 def diagnostics_summary(payload: Dict[str, Any]) -> Optional[str]:
   """One sentence, from the per-step records, on what the diagnostics show."""
   ok = {n: r for n, r in payload["optimizers"].items()
@@ -297,12 +308,11 @@ def diagnostics_summary(payload: Dict[str, Any]) -> Optional[str]:
     scales = [np.asarray(c["per_step"]["norm_scale"], np.float64)[
         :, r["best_index"]] for c in r["curves"]
               if "norm_scale" in c.get("per_step", {})]
-    if scales:
+    if scales and (r.get("hp") or {}).get("norm_constraint") is not None:
       scales = np.concatenate(scales)
       cut = scales < 1.0 - 1e-6
-      pct = 100 * np.mean(cut)
       parts.append(f"`{name}`'s norm constraint shortened the step on"
-                   f" {pct:{'.2g' if 0 < pct < 10 else '.0f'}} % of steps"
+                   f" {_percent(100 * np.mean(cut))} % of steps"
                    + (f" (median factor {np.median(scales[cut]):.2g})"
                       if cut.any() else ""))
   if not parts:
@@ -564,9 +574,9 @@ Regenerate with
   extra `kfac`; the softmax cross-entropy registered with
   `kfac_jax.register_softmax_cross_entropy_loss`; learning rate swept and
   scheduled like the others; the settings of kfac-jax's own example of
-  stochastic training (examples/lrelunet101_imagenet; with its full-batch
-  defaults, which adapt the damping, the damping fell to its floor on
-  fmnist-cnn): momentum {kfac_momentum}, fixed damping {kfac_damping}, the
+  stochastic training (examples/lrelunet101_imagenet; run before with
+  adaptive damping, the damping fell to its floor on fmnist-cnn): momentum
+  {kfac_momentum}, fixed damping {kfac_damping}, the
   step along the preconditioned gradient shortened where its
   curvature-weighted squared norm exceeds {kfac_norm}, curvature
   average {kfac_ema}, inverses every {kfac_period} steps, and its

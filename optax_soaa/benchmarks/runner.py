@@ -45,6 +45,7 @@ import optax_soaa
 
 from optax_soaa.benchmarks import kfac_baseline
 from optax_soaa.benchmarks import optimizers as opt_lib
+from optax_soaa.benchmarks import report
 from optax_soaa.benchmarks.tasks import Task
 
 try:
@@ -347,7 +348,9 @@ class TaskRunner:
     hp = self.task.hp.get(spec.name.split("-")[0], {})
     if spec.kind == "kfac":
       hp = kfac_baseline.effective_settings(hp)
-    return json.loads(json.dumps(hp))
+    # As results.json stores it (non-finite numbers as null), so that a
+    # resumed run compares like with like.
+    return json.loads(json.dumps(report._clean(hp)))  # pylint: disable=protected-access
 
   def values(self, spec: opt_lib.OptimizerSpec) -> np.ndarray:
     center = self.task.centers[spec.scale]
