@@ -249,6 +249,9 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
       return [tuned[opt][0]]
     return runner.values(opt_lib.REGISTRY[opt]).tolist()
 
+  def same_settings(opt, r):
+    return r.get("hp", {}) == runner.recorded_hp(opt_lib.REGISTRY[opt])
+
   results: Dict[str, Dict[str, Any]] = {}
   kept: Dict[str, Dict[str, Any]] = {}
   for opt in optimizers:
@@ -259,7 +262,7 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
     if (old.get("status") == "ok" and new_values
         and len(old_values) == len(new_values)
         and np.allclose(old_values, new_values, rtol=1e-6)
-        and old.get("hp", {}) == runner.recorded_hp(opt_lib.REGISTRY[opt])):
+        and same_settings(opt, old)):
       kept[opt] = old
       if set(seeds) <= {c["seed"] for c in old["curves"]}:
         results[opt] = old
@@ -270,7 +273,7 @@ def run_task(name: str, args: argparse.Namespace, optimizers: Sequence[str],
              if o not in optimizers}
   for o, r in carried.items():
     if (o in opt_lib.REGISTRY and r.get("status") == "ok"
-        and r.get("hp", {}) != runner.recorded_hp(opt_lib.REGISTRY[o])):
+        and not same_settings(o, r)):
       _log(f"--resume: {o} is kept as it ran, with settings that differ from"
            f" this code's ({r.get('hp')} vs"
            f" {runner.recorded_hp(opt_lib.REGISTRY[o])}); name it in"

@@ -454,9 +454,9 @@ def test_kfac_runs_through_its_own_optimizer_api(monkeypatch):
   assert scale.shape == (8, 2) and (scale <= 1).all() and (scale > 0).all()
   payload = dict(mode="sweep", seeds=[0], optimizers={"kfac": r})
   runner_lib.summarize(payload["optimizers"], task)
-  want = 100 * np.mean(scale[:, r["best_index"]] < 1 - 1e-6)
+  want = report._percent(  # pylint: disable=protected-access
+      100 * np.mean(scale[:, r["best_index"]] < 1 - 1e-6))
   summary = report.diagnostics_summary(payload)
-  want = report._percent(want)  # pylint: disable=protected-access
   assert (f"`kfac`'s norm constraint shortened the step on {want} % of"
           " steps") in summary
 

@@ -195,8 +195,8 @@ REGISTRY: Dict[str, OptimizerSpec] = {
                         " stochastic-training example settings)",
             available=kfac_baseline.unavailable_reason,
             step_diagnostics=("damping", "norm_scale"), kind="kfac",
-            period=lambda hp: {**kfac_baseline.SETTINGS, **hp.get("kfac", {})}[
-                "inverse_update_period"]),
+            period=lambda hp: kfac_baseline.effective_settings(
+                hp.get("kfac"))["inverse_update_period"]),
     )
 }
 

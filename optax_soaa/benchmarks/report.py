@@ -279,6 +279,13 @@ def _percent(pct: float) -> str:
   return f"{pct:.0f}"
 
 
+def _per_step_all_seeds(r, name) -> Optional[np.ndarray]:
+  """A per-step diagnostic at the best value, every seed's steps in turn."""
+  vals = [np.asarray(c["per_step"][name], np.float64)[:, r["best_index"]]
+          for c in r["curves"] if name in c.get("per_step", {})]
+  return np.concatenate(vals) if vals else None
+
+
 def diagnostics_summary(payload: Dict[str, Any]) -> Optional[str]:
   """One sentence, from the per-step records, on what the diagnostics show."""
   ok = {n: r for n, r in payload["optimizers"].items()
@@ -291,13 +298,9 @@ def diagnostics_summary(payload: Dict[str, Any]) -> Optional[str]:
                    f" {100 * b['either']:.0f} % of steps ({100 * b['lower']:.0f} %"
                    f" at the lower, {100 * b['upper']:.0f} % at the upper)")
   for name, r in ok.items():
-    steps = [np.asarray(c["per_step"]["bisection_steps"], np.float64)[
-        :, r["best_index"]] for c in r["curves"]
-             if "bisection_steps" in c.get("per_step", {})]
-    etas = [np.asarray(c["per_step"]["eta"], np.float64)[:, r["best_index"]]
-            for c in r["curves"] if "eta" in c.get("per_step", {})]
-    if steps and etas:
-      steps, etas = np.concatenate(steps), np.concatenate(etas)
+    steps = _per_step_all_seeds(r, "bisection_steps")
+    etas = _per_step_all_seeds(r, "eta")
+    if steps is not None and etas is not None:
       half = etas[len(etas) // 2:] if len(etas) > 1 else etas
       parts.append(f"`{name}` took {np.mean(steps):.2g} bisection steps per"
                    f" step on average (none on {100 * np.mean(steps == 0):.0f} %"
@@ -305,11 +308,9 @@ def diagnostics_summary(payload: Dict[str, Any]) -> Optional[str]:
                    f" {np.max(etas):.2g} ({np.median(half):.2g} median over the"
                    " second half of training)")
   for name, r in ok.items():
-    scales = [np.asarray(c["per_step"]["norm_scale"], np.float64)[
-        :, r["best_index"]] for c in r["curves"]
-              if "norm_scale" in c.get("per_step", {})]
-    if scales and (r.get("hp") or {}).get("norm_constraint") is not None:
-      scales = np.concatenate(scales)
+    scales = _per_step_all_seeds(r, "norm_scale")
+    if (scales is not None
+        and (r.get("hp") or {}).get("norm_constraint") is not None):
       cut = scales < 1.0 - 1e-6
       parts.append(f"`{name}`'s norm constraint shortened the step on"
                    f" {_percent(100 * np.mean(cut))} % of steps"

@@ -29,7 +29,6 @@ interleaved with Adam's (median over pairs), before training starts, so the
 tool can print the expected wall time of the run.
 """
 
-import json
 import math
 import statistics
 import sys
@@ -348,9 +347,9 @@ class TaskRunner:
     hp = self.task.hp.get(spec.name.split("-")[0], {})
     if spec.kind == "kfac":
       hp = kfac_baseline.effective_settings(hp)
-    # As results.json stores it (non-finite numbers as null), so that a
-    # resumed run compares like with like.
-    return json.loads(json.dumps(report._clean(hp)))  # pylint: disable=protected-access
+    # As results.json stores it (non-finite numbers as null, tuples as
+    # lists), so that a resumed run compares like with like.
+    return report._clean(hp)  # pylint: disable=protected-access
 
   def values(self, spec: opt_lib.OptimizerSpec) -> np.ndarray:
     center = self.task.centers[spec.scale]
