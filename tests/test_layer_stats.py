@@ -368,13 +368,15 @@ def test_describe_stats_says_why_not():
   report = optax_soaa.describe_stats(
       lambda p, t: model.apply({"params": p}, t).sum(), params, tokens)
   lines = {line.split()[0]: line for line in report.splitlines()}
-  assert "gather" in lines["['Embed_0']['embedding']"]
+  assert "embedding kernel: in (0,) out (1,)" in lines["['Embed_0']['embedding']"]
   assert "conv kernel" in lines["['Conv_0']['kernel']"]  # Grouped: pooled.
-  assert "RMSNorm" in lines["['RMSNorm_0']['scale']"]
-  assert "not x - mean(x)" in lines["['gain']"]
+  assert "rms_norm scale" in lines["['RMSNorm_0']['scale']"]
+  # A scale of a value that is not normalised: no layer of a known kind.
+  assert "not normalised" in lines["['gain']"]
+  assert "1/damping times less" in lines["['gain']"]
   assert "dense kernel" in lines["['Dense_0']['kernel']"]
   assert "conv bias" in lines["['Conv_0']['bias']"]
-  assert report.splitlines()[-1] == "4 of 7 leaves have statistics.", report
+  assert report.splitlines()[-1] == "6 of 7 differentiated leaves have statistics.", report
   # layers= restricts the kinds; a function without layers warns.
   with pytest.warns(UserWarning, match="no layer"):
     optax_soaa.value_grad_and_stats(lambda p: jnp.sum(p["w"] ** 2))({"w": jnp.ones(3)})

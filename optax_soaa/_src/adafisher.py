@@ -26,7 +26,6 @@ from optax_soaa._src.layer_stats import LayerStats
 
 FALLBACKS = ("identity", "adam")
 PARTS = ("kernel", "bias")
-_MINMAX_EPS = 1e-6
 
 
 class AdaFisherState(NamedTuple):
@@ -111,15 +110,6 @@ def _layout_dims(shape, layout: LayerLayout) -> tuple[tuple[int, ...], int, int]
   pick = lambda axes: tuple(shape[a] for a in axes)
   return (pick(layout.stack_axes), math.prod(pick(layout.in_axes)),
           math.prod(pick(layout.out_axes)))
-
-
-def _min_max(x: jax.Array) -> jax.Array:
-  """The reference's normalisation along the last axis: +inf → 1, -inf → 0,
-  then to [0, 1]."""
-  x = jnp.where(x == jnp.inf, jnp.ones_like(x), x)
-  x = jnp.where(x == -jnp.inf, jnp.zeros_like(x), x)
-  lo = jnp.min(x, axis=-1, keepdims=True, initial=jnp.inf)  # initial: 0-size layers
-  return (x - lo) / (jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf) - lo + _MINMAX_EPS)
 
 
 def _fisher(h, s, shape, layout: LayerLayout, damping, dtype) -> jax.Array:
@@ -349,11 +339,11 @@ def scale_by_adafisher(
         if axis_name is not None:
           h_in = jax.lax.pmean(h_in, axis_name)
           s_in = jax.lax.pmean(s_in, axis_name)
-        h_norm = _min_max(h_in)
+        h_norm = utils.min_max(h_in)
         fan_in = h_avg.shape[-1]
         h_part = h_norm[..., :fan_in] if st.part == "kernel" else h_norm[..., -fan_in:]
         h_next = jnp.where(refresh, decay_ * h_avg + new_weight_ * h_part, h_avg)
-        s_next = jnp.where(refresh, decay_ * s_avg + new_weight_ * _min_max(s_in), s_avg)
+        s_next = jnp.where(refresh, decay_ * s_avg + new_weight_ * utils.min_max(s_in), s_avg)
         direction = m_hat / _fisher(h_next, s_next, shape, lay, damping_.astype(rdtype), rdtype)
         new_h.append(h_next)
         new_s.append(s_next)

@@ -220,3 +220,13 @@ def check_trees_match(name_a: str, tree_a: Any, name_b: str, tree_b: Any) -> Non
           f"{jax.tree_util.keystr(path)} got {name_a}: {jnp.shape(a)}, "
           f"{name_b}: {jnp.shape(b)}."
       )
+
+
+def min_max(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """AdaFisher's normalisation along the last axis (the reference's
+  ``MinMaxNormalization``): +inf → 1, -inf → 0, then ``(x - min) / (max -
+  min + eps)``."""
+  x = jnp.where(x == jnp.inf, jnp.ones_like(x), x)
+  x = jnp.where(x == -jnp.inf, jnp.zeros_like(x), x)
+  lo = jnp.min(x, axis=-1, keepdims=True, initial=jnp.inf)  # initial: 0-size layers
+  return (x - lo) / (jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf) - lo + eps)
