@@ -18,6 +18,7 @@ from optax_soaa._src.layer_stats import describe_stats
 from optax_soaa._src.layer_stats import LayerLayout
 from optax_soaa._src.layer_stats import LayerStats
 from optax_soaa._src.layer_stats import stats_layouts
+from optax_soaa._src.layer_stats import StatsFallbackWarning
 from optax_soaa._src.layer_stats import value_grad_and_stats
 from optax_soaa._src.soaa import scale_by_soaa
 from optax_soaa._src.soaa import soaa
@@ -41,6 +42,7 @@ __all__ = (
     "LayerLayout",
     "LayerStats",
     "stats_layouts",
+    "StatsFallbackWarning",
     "value_grad_and_stats",
     "scale_by_soaa",
     "soaa",

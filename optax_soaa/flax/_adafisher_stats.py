@@ -1,8 +1,9 @@
 """AdaFisher layer statistics for Flax models: thin wrappers of the core collector.
 
 Both go through :func:`optax_soaa.value_grad_and_stats`, which finds the
-layers in the loss function's jaxpr (Dense, DenseGeneral, Einsum, Conv,
-LayerNorm, BatchNorm, in any module nesting, ``nn.scan``/``nn.remat`` included);
+layers in the loss function's jaxpr (Dense, DenseGeneral, Einsum, Conv, Embed,
+added position tables, LayerNorm, GroupNorm, RMSNorm, BatchNorm, in any module
+nesting, ``nn.scan``/``nn.remat`` included);
 nothing is intercepted or patched. They keep the ``(value, grads, stats)``
 return of the earlier Flax helpers.
 """
@@ -29,9 +30,27 @@ def value_grad_and_stats(
   ``axis_name``, ``layers`` and the ``stats_due=`` keyword of the returned
   function are those of :func:`optax_soaa.value_grad_and_stats`.
 
+  Args:
+    fun: the loss function, ``fun(params, *args, **kwargs)``.
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+    axis_name: a mapped axis over which the statistics are those of the
+      whole batch (``pmap`` / ``shard_map``); None otherwise.
+    layers: the layer kinds to collect (all by default).
+
   Returns:
     ``f(params, *args, stats_due=True, **kwargs) -> (value, grads, stats)``;
     pass ``stats`` as ``tx.update(grads, state, params, stats=stats)``.
+
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax_soaa
+    >>> import optax_soaa.flax
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(1)])
+    >>> x = jnp.ones((8, 3))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> loss_fn = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
+    >>> loss, grads, stats = optax_soaa.flax.value_grad_and_stats(loss_fn)(params, x)
+    >>> stats["layers_0"]["kernel"].kind
+    'dense'
   """
   collect = layer_stats.value_grad_and_stats(fun, has_aux, axis_name, layers=layers)
 
@@ -65,6 +84,24 @@ def nnx_value_grad_and_stats(
     ``nnx.Param`` s), and ``stats`` an ``nnx.State`` with the structure of
     ``nnx.as_pure(grads)`` holding :class:`optax_soaa.LayerStats` or
     ``None``, ready for ``optimizer.update(model, grads, stats=stats)``.
+
+  Args:
+    fun: the loss function, ``fun(model, *args, **kwargs)``.
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+    axis_name: a mapped axis over which the statistics are those of the
+      whole batch (``pmap`` / ``shard_map``); None otherwise.
+    layers: the layer kinds to collect (all by default).
+
+  Examples:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp, optax_soaa
+    >>> import optax_soaa.flax
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
+    >>> f = optax_soaa.flax.nnx_value_grad_and_stats(loss_fn)
+    >>> loss, grads, stats = f(model, jnp.ones((4, 3)))
+    >>> stats["kernel"].s.shape
+    (2,)
   """
 
   def wrapped(model, *args, stats_due=True, **kwargs):

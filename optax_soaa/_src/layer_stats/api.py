@@ -6,6 +6,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optax_soaa._src import utils
 from optax_soaa._src.layer_stats.plan import Plan
@@ -111,28 +112,44 @@ def value_grad_and_stats(
 
   * **dense**: a ``dot_general`` with one operand a params leaf (after
     reshapes, transposes, casts) — ``Dense``, ``DenseGeneral``, ``Einsum``,
-    attention projections, ``eqx.nn.Linear``, ``x @ w``;
+    attention projections, ``eqx.nn.Linear``, ``x @ w``, a one-hot matmul;
   * **conv**: a ``conv_general_dilated`` whose kernel is a params leaf, with
     any groups (a grouped or depthwise convolution pools its groups' patches,
     as the reference does), any rank, strides, padding, dilation;
   * a following add of a params leaf with one element per output is the
     layer's **bias**;
-  * **layer_norm** / **batch_norm**: a feature-wise multiply (scale) and / or
-    add (bias) of params vectors after ``x - mean(x)`` over the last axis
-    (LayerNorm) or over all axes but the last (BatchNorm, training mode).
+  * **embedding**: a ``gather`` of rows of a params table (``table[ids]``,
+    ``jnp.take``, Flax ``Embed``, NNX ``Embed``, Equinox ``Embedding``), and
+    a params table added to activations after slices and broadcasts
+    (``x + pos[:T]``, a learned position embedding);
+  * **layer_norm**, **group_norm**, **rms_norm**, **batch_norm**: a
+    multiply (scale) and / or add (bias) of params tensors broadcast over a
+    normalised value: ``x - mean(x)`` over any axes (LayerNorm without the
+    batch axis, BatchNorm with it, GroupNorm over the input reshaped into
+    groups) or ``x`` scaled by a per-row factor from ``mean(x²)`` (RMSNorm).
 
   Statistics (``N`` rows: every axis of the layer's input and output but the
   contracted / feature ones; ``δ = ∂loss/∂y`` at the layer output ``y``):
 
   * dense / conv: ``h = Σ_n x̄² / N`` with ``x̄ = [x, 1]`` (``[patch, 1]``
     for a convolution; the 1 only with a bias) and ``s = Σ_n δ² / N``;
-  * LayerNorm / BatchNorm, as the reference code computes them from the
-    layer's raw input ``x`` of shape ``(B, ...)``: ``u = Σ x / m²`` reduced
-    over every axis but axis 1 (LayerNorm, ``m`` the product of the axes
-    after 1) or over every axis but the feature axis (BatchNorm, the
-    channel-last form of the reference's ``(0, 2, 3)`` of NCHW; ``m`` the
-    spatial size), then ``h = [Σ u², len(u)] / B²`` (two numbers: the
-    scale's and the bias's) and ``s = (Σ_rows δ)² / B``.
+  * embedding: a dense layer without bias on one-hot inputs (not in the
+    reference, which never trains one): ``h[row] = (lookups of the row) /
+    N`` and ``s = Σ δ² / N`` over the ``N`` lookups; an added table the same
+    with the position as the row (``N`` the rows of the sum). A table also
+    used as a tied output layer (``x @ table.T``) gets the mean of its two
+    uses in the table's layout (the output layer's ``s`` per row, its ``h``
+    per column), each min-max normalised before the mean;
+  * normalisation layers, the reference's formulas generalised to any
+    normalised axes, from the input ``x`` of shape ``(B, ...)`` as the
+    layer's mean sees it (GroupNorm's reshaped into groups): with ``keep``
+    the first non-batch axis that is not normalised (axis 1 if all are),
+    ``u = Σ x / m²`` summed over every axis but ``keep``, ``m`` the product
+    of the summed non-batch axes; ``h = [Σ u², len(u)] / B²`` (two numbers:
+    the scale's and the bias's) and ``s = (Σ_rows δ)² / B`` per parameter
+    element. For the reference's own layers this is its code exactly:
+    LayerNorm over the last axis reduces every axis but axis 1 (the sequence
+    axis of ``(B, T, D)``), BatchNorm every axis but the channels.
 
   For complex values the squares are magnitudes (``|x̄|²``, ``|δ|²``; for
   the normalisation layers ``|u|²`` and ``|Σ_rows δ|²``), and the statistics
@@ -152,13 +169,18 @@ def value_grad_and_stats(
   The statistics add a square-and-sum per layer to the one backward pass
   that computes the gradients (the layer output goes through an identity
   whose VJP also returns the statistic); the gradients are those of
-  ``jax.value_and_grad(fun)``. How the layers are matched and evaluated:
-  ``docs/internals_adafisher.md`` in the repository.
+  ``jax.value_and_grad(fun)``. How the layers are matched and evaluated is
+  described on the documentation's AdaFisher internals page.
 
   Args:
     fun: the loss function, ``fun(params, *args, **kwargs)``. Array arguments
       are traced (as under ``jax.jit``, also when called eagerly); other
-      Python values (flags, strings) are passed as they are.
+      Python values (flags, strings) are passed as they are. ``params`` may
+      hold non-array leaves (an Equinox model's activation functions): as
+      ``eqx.filter_value_and_grad`` does, the inexact arrays (and Python
+      floats) are differentiated, other arrays are traced, other values are
+      passed through, and all of those get ``None`` for their gradient and
+      statistics.
     has_aux: as in :func:`jax.value_and_grad`.
     axis_name: a mapped axis (``pmap`` / ``shard_map`` data parallelism): the
       statistics are then those of the whole batch across devices (the
@@ -166,8 +188,9 @@ def value_grad_and_stats(
       ``jax.value_and_grad`` returns them. Under sharded ``jit`` leave it
       ``None``: the batch is already global.
     layers: the layer kinds to collect, a subset of ``("dense", "conv",
-      "layer_norm", "batch_norm")``. ``("dense", "conv")`` leaves the
-      normalisation layers to the optimizer's fallback.
+      "embedding", "layer_norm", "group_norm", "rms_norm", "batch_norm")``
+      (all by default). Leaves of the kinds left out take the optimizer's
+      fallback.
 
   Returns:
     ``f(params, *args, stats_due=True, **kwargs) -> (value, grads, extras)``
@@ -264,8 +287,22 @@ def describe_stats(
   Traces ``fun(params, *args, **kwargs)`` (nothing is computed) and returns
   one line per leaf: its path and shape, then the layer kind, the part
   (kernel / bias; scale / bias of a normalisation layer), its
-  :class:`LayerLayout` and the number of calls, or the reason it has none
-  (those leaves use the optimizer's fallback).
+  :class:`LayerLayout` and the number of calls, or the reason it has none.
+  A leaf without statistics takes the optimizer's fallback; under
+  AdaFisher's default fallback it steps about ``1 / damping`` times less
+  than the others (the optimizer warns with
+  :class:`optax_soaa.StatsFallbackWarning`).
+
+  Args:
+    fun: the loss function, as for :func:`value_grad_and_stats`.
+    params: the params pytree passed to ``fun`` first.
+    *args: the other positional arguments of ``fun`` (a batch).
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+    layers: the layer kinds to collect, as for :func:`value_grad_and_stats`.
+    **kwargs: keyword arguments of ``fun``.
+
+  Returns:
+    The report, one line per params leaf and a closing count.
 
   Examples:
     >>> import jax.numpy as jnp, optax_soaa
@@ -275,16 +312,19 @@ def describe_stats(
     ...   x = (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True)
     ...                             + 1e-6)
     ...   x = x * params["scale"] + params["bias"]
+    ...   x = x * params["gain"]  # LayerScale: no layer of a known kind.
     ...   return jnp.mean((x @ params["w"]) ** 2)  # A dense layer.
     >>> params = {"embed": jnp.ones((10, 8)), "scale": jnp.ones(8),
-    ...           "bias": jnp.zeros(8), "w": jnp.ones((8, 2))}
+    ...           "bias": jnp.zeros(8), "gain": jnp.ones(8),
+    ...           "w": jnp.ones((8, 2))}
     >>> print(optax_soaa.describe_stats(loss_fn, params, jnp.zeros((2, 3), int)))
     ... # doctest: +NORMALIZE_WHITESPACE
     ['bias']   (8,)             layer_norm bias: in () out (0,), 1 call
-    ['embed']  (10, 8)          fallback: used by gather (an embedding lookup or a slice): no layer statistics
+    ['embed']  (10, 8)          embedding kernel: in (0,) out (1,), 1 call
+    ['gain']   (8,)             fallback: a scale or shift of a value that is not normalised (no x - mean(x) or x / rms(x) behind it). Under AdaFisher's default fallback it steps ~1/damping times less than leaves with statistics
     ['scale']  (8,)             layer_norm scale: in () out (0,), 1 call
     ['w']      (8, 2)           dense kernel: in (0,) out (1,), 1 call
-    3 of 4 leaves have statistics.
+    4 of 5 differentiated leaves have statistics.
   """
   kinds = _check_layers(layers)
   traced = _trace(fun, has_aux, params, args, kwargs, kinds)
@@ -316,7 +356,8 @@ def describe_stats(
   return "\n".join(lines)
 
 
-def stats_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -> Any:
+def stats_layouts(fn: Callable[..., Any], params: Any, *args: Any,
+                  **kwargs: Any) -> optax.Params:
   """The :class:`LayerLayout` of each leaf of ``fn``'s statistics.
 
   ``fn`` is a function made by :func:`value_grad_and_stats` (or a Flax
@@ -325,8 +366,39 @@ def stats_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
   when kernels are not laid out ``(..., in, out)`` (Equinox's ``(out, in)``,
   convolutions ``(out, in, kh, kw)``, ``DenseGeneral`` with several output
   axes, stacked layers).
+
+  Args:
+    fn: a function made by :func:`value_grad_and_stats`.
+    params: the params (or Equinox model) ``fn`` takes first.
+    *args: the other arguments of ``fn`` (a batch of the right shapes).
+    **kwargs: keyword arguments of ``fn``.
+
+  Returns:
+    A pytree like ``params`` with a :class:`LayerLayout` at each leaf that
+    gets statistics and ``None`` elsewhere.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_soaa
+    >>> def loss_fn(params, x):  # A kernel laid out (out, in), as Equinox's.
+    ...   return jnp.sum(jnp.tanh(x @ params["w"].T))
+    >>> params = {"w": jnp.ones((3, 4))}
+    >>> collect = optax_soaa.value_grad_and_stats(loss_fn)
+    >>> layouts = optax_soaa.stats_layouts(collect, params, jnp.ones((2, 4)))
+    >>> layouts["w"]
+    LayerLayout(stack_axes=(), in_axes=(1,), out_axes=(0,))
+    >>> opt = optax_soaa.adafisher(1e-3, layouts=layouts)
   """
-  out = jax.eval_shape(fn, params, *args, **kwargs)
+  leaves, tree = jax.tree.flatten((params, args, kwargs))
+  arrays = [i for i, x in enumerate(leaves) if _is_traced_input(x)]
+
+  def with_arrays(*values):  # other leaves (an Equinox model's functions) stay
+    full = list(leaves)
+    for i, x in zip(arrays, values):
+      full[i] = x
+    params, args, kwargs = jax.tree.unflatten(tree, full)
+    return fn(params, *args, **kwargs)
+
+  out = jax.eval_shape(with_arrays, *[leaves[i] for i in arrays])
   stats = out[2]["stats"] if isinstance(out[2], dict) and "stats" in out[2] else out[2]
   return jax.tree.map(
       lambda st: None if st is None else st.layout(0), stats, is_leaf=is_stats_leaf)

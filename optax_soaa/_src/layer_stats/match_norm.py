@@ -211,7 +211,7 @@ def match_norm(m: Matching, rec) -> None:
   """A scale or bias of a normalisation layer at a ``mul`` / ``add``."""
   eqn = rec.eqn
   ctx = rec.path[:-1]
-  if rec.path in m.claimed or len(eqn.invars) != 2:
+  if len(eqn.invars) != 2:
     return
   out_shape = tuple(eqn.outvars[0].aval.shape)
   found = [feature_tensor(m, ctx, x, out_shape) for x in eqn.invars]
@@ -229,8 +229,10 @@ def match_norm(m: Matching, rec) -> None:
     scale = feat
     for c_rec, k in m.g.consumers.get(m.g.node(ctx, eqn.outvars[0]), ()):
       ce = c_rec.eqn
+      if ce.primitive.name != "mul" or len(ce.invars) != 2:
+        continue
       full = ce.invars[1 - k]
-      if (ce.primitive.name == "mul" and is_var(full)
+      if (is_var(full)
           and tuple(full.aval.shape) == tuple(ce.outvars[0].aval.shape)):
         candidates.append((c_rec, full, ((ctx, other),)))
   else:

@@ -1,8 +1,8 @@
 """The table of layer matchers, keyed by the primitive they start from.
 
 Matching runs in phases over every equation of the graph: a phase's matchers
-may claim equations (a layer's bias ``add``, a norm's ``mul``) that the later
-phases then skip. Adding a layer kind is one matcher function
+may claim equations (a layer's bias ``add``, a norm's ``mul``), which no
+matcher sees after that. Adding a layer kind is one matcher function
 ``f(matching, record)`` registered here, plus its test.
 """
 
@@ -39,5 +39,6 @@ def find_sites(graph: Graph, kinds: Sequence[str]) -> Matching:
   for phase in MATCHERS:
     for rec in graph.recs:
       for matcher in phase.get(rec.eqn.primitive.name, ()):
-        matcher(m, rec)
+        if rec.path not in m.claimed:  # already part of a layer
+          matcher(m, rec)
   return m

@@ -24,6 +24,20 @@ class StatsFallbackWarning(UserWarning):
   why each leaf has no statistics. Filter it like any warning::
 
     warnings.filterwarnings("ignore", category=optax_soaa.StatsFallbackWarning)
+
+  Examples:
+    >>> import warnings, jax.numpy as jnp, optax_soaa
+    >>> def loss_fn(params, x):  # "gain" scales a value that is not normalised.
+    ...   return jnp.sum((x * params["gain"]) @ params["w"])
+    >>> params = {"gain": jnp.ones(3), "w": jnp.ones((3, 2))}
+    >>> _, grads, extras = optax_soaa.value_grad_and_stats(loss_fn)(
+    ...     params, jnp.ones((4, 3)))
+    >>> opt = optax_soaa.adafisher(1e-3)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   _ = opt.update(grads, opt.init(params), params, **extras)
+    >>> [w.category.__name__ for w in caught]
+    ['StatsFallbackWarning']
   """
 
 
@@ -35,6 +49,19 @@ class LayerLayout(NamedTuple):
   row-major), ``s`` over ``out_axes``, and both carry the ``stack_axes`` as
   leading dimensions (one layer per index: a ``lax.scan`` over stacked
   layers).
+
+  Attributes:
+    stack_axes: axes indexing stacked layers (a ``lax.scan`` over them), in
+      increasing order; usually ``()``.
+    in_axes: axes of the layer's inputs (contracted with the input), in
+      increasing order; ``h`` runs over them.
+    out_axes: axes of the layer's outputs (features), in increasing order;
+      ``s`` runs over them.
+
+  Examples:
+    >>> import optax_soaa
+    >>> optax_soaa.LayerLayout((), (1,), (0,))  # An (out, in) kernel.
+    LayerLayout(stack_axes=(), in_axes=(1,), out_axes=(0,))
   """
 
   stack_axes: tuple[int, ...]
@@ -73,7 +100,28 @@ class LayerStats:
     :class:`LayerLayout`; all ``None`` means the default layout
     (``(..., in, out)``).
   * ``kind`` (static): the layer it came from (``"dense"``, ``"conv"``,
-    ``"layer_norm"``, ``"batch_norm"``), or ``""`` when built by hand.
+    ``"embedding"``, ``"layer_norm"``, ``"group_norm"``, ``"rms_norm"``,
+    ``"batch_norm"``), or ``""`` when built by hand.
+
+  Attributes:
+    h: the input statistic, shape ``stack + (fan_in,)`` or ``stack +
+      (fan_in + 1,)`` (the last entry for the bias); two numbers (scale,
+      bias) for a normalisation layer.
+    s: the output-gradient statistic, shape ``stack + (fan_out,)``.
+    part: ``"kernel"`` (or a normalisation's scale) or ``"bias"`` (static).
+    stack_axes: the leaf's stacked-layer axes, or None for the default
+      layout (static).
+    in_axes: the leaf's input axes, or None for the default layout (static).
+    out_axes: the leaf's output axes, or None for the default layout
+      (static).
+    kind: the layer kind it came from, or ``""`` when built by hand
+      (static).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_soaa
+    >>> st = optax_soaa.LayerStats(h=jnp.ones(4), s=jnp.ones(3))  # By hand:
+    >>> st.layout(2)  # a (3 in + bias, 3 out) dense kernel, default layout.
+    LayerLayout(stack_axes=(), in_axes=(0,), out_axes=(1,))
   """
 
   h: jax.Array
