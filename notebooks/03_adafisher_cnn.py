@@ -153,9 +153,10 @@ for layer, leaves in extras["stats"].items():
 # step `learning_rate / λ`, the layer curvature modulating it slightly. A
 # third run gives AdaFisher no statistics at all: every layer then uses the
 # fallback, by default `fallback="identity"` (`F̃ = 1`), i.e. steps `1/λ =
-# 1000` times smaller. It shows why leaves without statistics (embeddings)
-# deserve `fallback="adam"`, and why normalisation layers get the reference's
-# statistics by default.
+# 1000` times smaller. It shows why every layer kind a model uses gets
+# statistics (dense, convolution, embeddings, every normalisation), why a leaf
+# still without them raises `optax_soaa.StatsFallbackWarning`, and why such a
+# leaf deserves `fallback="adam"`.
 
 # %%
 BATCH_SIZE = 64
