@@ -3,11 +3,16 @@
 Builds `docs/` with Sphinx once per session (`-E -W -n`: from scratch,
 warnings are errors, every cross-reference checked), then checks that every
 public symbol has an API page, that the CLI page documents every option, that
-the notebooks are rendered from executed copies that match their sources, and
-that the built index page renders in a real browser (headless Chromium; the
-test is skipped, saying why, when Chromium is not installed).
+the notebooks are rendered from executed copies that match their sources,
+that the site loads nothing from the network, and that its pages render in a
+real browser: the index, and every algorithm page with its equations typeset
+by the bundled MathJax, no raw TeX left (headless Chromium with the network
+cut off; skipped, saying why, when Chromium is not installed: `.ci/run`
+installs Debian's `chromium` when it can).
 """
 
+import doctest
+import html
 import json
 import os
 import pathlib
@@ -117,21 +122,103 @@ def _chromium():
   return None
 
 
-@pytest.mark.skipif(_chromium() is None,
-                    reason="no Chromium installed (Debian: apt-get install "
-                           "chromium); the browser check needs one")
-def test_index_page_renders_in_a_browser(site, tmp_path):
+needs_chromium = pytest.mark.skipif(
+    _chromium() is None,
+    reason="no Chromium installed (Debian: apt-get install chromium; .ci/run "
+           "installs it when it can); the browser checks need one")
+
+# Every host name resolves to nothing: the pages render as they would for a
+# reader without network, and anything they fetch from the web is missing.
+_OFFLINE = "--host-resolver-rules=MAP * ~NOTFOUND"
+# Virtual time: scripts (MathJax's typesetting) run to completion before the
+# DOM or the screenshot is taken, however slow the machine.
+_SCRIPT_TIME = "--virtual-time-budget=20000"
+
+
+def _browser(*args, timeout=120):
+  return subprocess.run(
+      [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+       "--hide-scrollbars", _OFFLINE, _SCRIPT_TIME, *args],
+      check=True, capture_output=True, timeout=timeout)
+
+
+def _assert_not_blank(shot, size=(900, 1280)):
   import matplotlib.image  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  shot = tmp_path / "index.png"
-  subprocess.run(
-      [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-       "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1280,900",
-       (site / "index.html").as_uri()],
-      check=True, capture_output=True, timeout=120)
   pixels = matplotlib.image.imread(shot)[..., :3]
-  assert pixels.shape[:2] == (900, 1280)
+  assert pixels.shape[:2] == size
   # Not blank: text and the sidebar give many distinct colours and dark ink.
   colours = np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)
   assert len(colours) > 50, len(colours)
   assert (pixels.mean(-1) < 0.4).mean() > 0.002
+
+
+def _visible_text(dom):
+  """The text a reader sees in an HTML document (no scripts, styles, tags)."""
+  dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
+  return html.unescape(re.sub(r"<[^>]+>", " ", dom))
+
+
+# What TeX looks like when nothing typeset it: MathJax's delimiters (Sphinx
+# writes \( \) and \[ \]), $$, environments and common commands.
+_RAW_TEX = re.compile(
+    r"\\[()\[\]]|\$\$|\\begin\{|\\end\{|\\(frac|sum|hat|left|right|"
+    r"mathrm|text|qquad|leftarrow|sqrt|tfrac|max|clip)\b")
+
+
+def raw_tex(text):
+  """Each place of `text` where TeX is shown as source, with its context."""
+  return [text[max(m.start() - 30, 0):m.end() + 30].strip()
+          for m in _RAW_TEX.finditer(text)]
+
+
+def test_raw_tex_finder():
+  assert raw_tex(r"at step \(t\) the \[\hat m = \frac{m}{1-\beta}\]")
+  assert raw_tex("$$ x $$") and raw_tex(r"\begin{aligned} x \end{aligned}")
+  assert not raw_tex("plain text, a path C:\\data, 2 \\ 3, and m\u0302 = m / b")
+
+
+def test_site_loads_nothing_from_the_network(site):
+  """Scripts, styles and fonts come with the site (MathJax included)."""
+  remote = re.compile(
+      r"<(script|link|img)\b[^>]*\b(src|href)=[\"'](https?:)?//", re.I)
+  pages = sorted(site.rglob("*.html"))
+  assert len(pages) > 30
+  offending = [str(p.relative_to(site)) for p in pages
+               if remote.search(p.read_text())]
+  assert not offending, offending
+  assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
+
+
+@needs_chromium
+def test_index_page_renders_in_a_browser(site, tmp_path):
+  shot = tmp_path / "index.png"
+  _browser(f"--screenshot={shot}", "--window-size=1280,900",
+           (site / "index.html").as_uri())
+  _assert_not_blank(shot)
+
+
+ALGORITHM_PAGES = ("soaa", "arturo", "adafisher")
+
+
+@needs_chromium
+@pytest.mark.parametrize("page", ALGORITHM_PAGES)
+def test_algorithm_page_shows_typeset_math_in_a_browser(site, tmp_path, page):
+  """Offline, every equation of the page is typeset: no TeX source shows."""
+  path = site / "algorithms" / f"{page}.html"
+  source = path.read_text()
+  # The page has equations, as Sphinx wrote them for MathJax.
+  formulas = len(re.findall(r'class="math[ "]', source))
+  assert formulas > 0
+  assert raw_tex(_visible_text(source))
+  shot = tmp_path / f"{page}.png"
+  _browser(f"--screenshot={shot}", "--window-size=1280,900", path.as_uri())
+  _assert_not_blank(shot)
+  dom = _browser("--dump-dom", path.as_uri()).stdout.decode()
+  leftover = raw_tex(_visible_text(dom))
+  assert not leftover, (
+      f"{page}: TeX shown as source in the browser ({len(leftover)} places, "
+      f"of {formulas} formulas; is MathJax bundled?): {leftover[:5]}")
+  # Each formula became MathJax's output.
+  assert dom.count("<mjx-container") >= formulas, (
+      dom.count("<mjx-container"), formulas)
