@@ -76,6 +76,24 @@ def test_every_public_symbol_has_an_api_page(site):
   assert not missing, missing
 
 
+def test_api_pages_document_every_field_and_show_clean_signatures(site):
+  """Each field of a public NamedTuple or dataclass has its entry on the
+  class's page (from the docstring's Attributes section), and no page shows
+  an object's repr in a signature. The pending names of
+  tests/test_api_docs.py are skipped here the same way."""
+  from tests import test_api_docs  # pylint: disable=g-import-not-at-top
+  missing = []
+  for name in _public_names():
+    page = (site / "_autosummary" / f"{name}.html").read_text()
+    assert not re.search(r"&lt;[^&]* at 0x|&lt;object object", page), name
+    obj = test_api_docs._resolve(name)  # pylint: disable=protected-access
+    if name in test_api_docs.PENDING or not test_api_docs._is_record(obj):  # pylint: disable=protected-access
+      continue
+    missing += [f"{name}.{f}" for f in test_api_docs.own_fields(obj)
+                if f'id="{name}.{f}"' not in page]
+  assert not missing, missing
+
+
 def test_every_page_of_the_toctree_was_built(site):
   for page in ["index", "getting_started", "algorithms/soaa",
                "algorithms/arturo", "algorithms/adafisher", "distributed",
