@@ -60,6 +60,36 @@ def test_getting_started_code_runs():
   assert float(namespace["loss"]) < 0.1 * float(first)
 
 
+def _page_doctests(page):
+  """The page's ``pycon`` blocks as one doctest, and whether the page opens
+  with one (its first code block, before the first section)."""
+  text = (DOCS / "algorithms" / f"{page}.md").read_text()
+  blocks = list(re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M))
+  first_section = text.find("\n## ")
+  opens = bool(blocks) and blocks[0][1] == "pycon" and (
+      first_section < 0 or blocks[0].start() < first_section)
+  source = "\n".join(b[2] for b in blocks if b[1] == "pycon")
+  test = doctest.DocTestParser().get_doctest(
+      source, {}, f"docs/algorithms/{page}.md", None, 0)
+  return opens, test
+
+
+@pytest.mark.parametrize("page", [
+    "soaa", "arturo",
+    pytest.param("adafisher", marks=pytest.mark.xfail(
+        strict=True, reason="page rewritten under issue 27"))])
+def test_algorithm_page_opens_with_a_snippet_that_runs(page):
+  """Each algorithm page opens with a runnable example (``pycon`` blocks:
+  doctests, run here in one namespace as a reader would paste them)."""
+  opens, test = _page_doctests(page)
+  assert opens, f"{page}: the first code block is not a pycon example"
+  assert len(test.examples) >= 5
+  runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+  runner.run(test)
+  result = runner.summarize(verbose=False)
+  assert result.failed == 0 and result.attempted == len(test.examples)
+
+
 def _public_names():
   import optax_soaa  # pylint: disable=g-import-not-at-top
   import optax_soaa.checkpoint  # pylint: disable=g-import-not-at-top
