@@ -60,6 +60,40 @@ def test_getting_started_code_runs():
   assert float(namespace["loss"]) < 0.1 * float(first)
 
 
+def test_colab_link_follows_the_setting_in_conf(site):
+  """`colab_repository` in docs/conf.py drives the "Open in Colab" link of
+  each notebook page; empty (as committed until the repository is public),
+  the pages have none."""
+  import types  # pylint: disable=g-import-not-at-top
+  from docutils import nodes  # pylint: disable=g-import-not-at-top
+  from docutils.frontend import get_default_settings  # pylint: disable=g-import-not-at-top
+  from docutils.utils import new_document  # pylint: disable=g-import-not-at-top
+  namespace = {"__file__": str(DOCS / "conf.py")}
+  exec(compile((DOCS / "conf.py").read_text(), "conf.py", "exec"), namespace)  # pylint: disable=exec-used
+
+  def page(docname, repository):
+    doctree = new_document("test", get_default_settings())
+    section = nodes.section("", nodes.title("", "A notebook"),
+                            nodes.paragraph("", "Text."))
+    doctree += section
+    app = types.SimpleNamespace(
+        env=types.SimpleNamespace(docname=docname),
+        config=types.SimpleNamespace(colab_repository=repository,
+                                     colab_branch=namespace["colab_branch"]))
+    namespace["_add_colab_link"](app, doctree)
+    return [r["refuri"] for r in doctree.findall(nodes.reference)], section
+
+  links, section = page("notebooks/04_arturo", "someone/optax_soaa")
+  assert links == ["https://colab.research.google.com/github/someone/"
+                   "optax_soaa/blob/main/notebooks/04_arturo.ipynb"]
+  assert isinstance(section[1], nodes.paragraph)  # Right below the title.
+  assert page("notebooks/04_arturo", "")[0] == []
+  assert page("algorithms/soaa", "someone/optax_soaa")[0] == []
+  built = (site / "notebooks" / "04_arturo.html").read_text()
+  assert ("colab.research.google.com" in built) == bool(
+      namespace["colab_repository"])
+
+
 def _page_doctests(page):
   """The page's ``pycon`` blocks as one doctest, and whether the page opens
   with one (its first code block, before the first section)."""
