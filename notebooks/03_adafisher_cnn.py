@@ -16,7 +16,7 @@
 # %% [markdown]
 # # AdaFisher on a small CNN, with statistics from an unmodified model
 #
-# [AdaFisher](https://arxiv.org/abs/2504.20096) preconditions each layer with
+# [AdaFisher](https://arxiv.org/abs/2405.16397) (ICLR 2025) preconditions each layer with
 # a diagonal approximation of its Fisher information: `F[i, o] ~ H[i] * S[o]`,
 # where `H` is the mean squared *input* of the layer and `S` the mean squared
 # gradient of the loss with respect to its *output* (LayerNorm and BatchNorm

@@ -158,10 +158,29 @@ def test_api_pages_document_every_field_and_show_clean_signatures(site):
   assert not missing, missing
 
 
+def test_other_projects_names_link_to_their_docs(site):
+  """Intersphinx, from the inventories in docs/_inventories (no network)."""
+  index = (site / "index.html").read_text()
+  start = (site / "getting_started.html").read_text()
+  api = (site / "_autosummary" / "optax_soaa.soaa.html").read_text()
+  for page, url in [
+      (index, "https://optax.readthedocs.io/en/latest/api/generated/"
+              "optax.chain.html#optax.chain"),
+      (index, "https://docs.jax.dev/en/latest/_autosummary/jax.jit.html"),
+      (start, "https://flax.readthedocs.io/en/latest/api_reference/"
+              "flax.training.html#flax.training.train_state.TrainState"),
+      (start, "https://docs.kidger.site/equinox/api/module/module/"
+              "#equinox.Module"),
+      (api, "https://optax.readthedocs.io/en/latest/api/generated/"
+            "optax.GradientTransformationExtraArgs.html")]:
+    assert f'href="{url}' in page, url
+
+
 def test_every_page_of_the_toctree_was_built(site):
   for page in ["index", "getting_started", "algorithms/soaa",
                "algorithms/arturo", "algorithms/adafisher", "distributed",
-               "reliability", "benchmarks", "api", "cli", "changelog",
+               "reliability", "benchmarks", "update_step", "api", "cli",
+               "changelog",
                "internals", "search"]:
     assert (site / f"{page}.html").is_file(), page
 

@@ -23,8 +23,8 @@ the project's documentation sources, as their own builds place it:
 The object's kind (class, function, module, data) comes from importing it
 from the installed package; a name that does not import is skipped. Public
 methods and attributes of a documented class are listed at the class's page,
-and a name re-exported at the top of the package (``optax.inject_hyperparams``
-for ``optax.schedules.inject_hyperparams``) at its original's.
+and a name re-exported by a parent module (``optax.inject_hyperparams`` for
+``optax.schedules.inject_hyperparams``) at its original's.
 The file is the format of Sphinx's ``objects.inv`` (version 2: a four-line
 header, then zlib-compressed lines ``name domain:role priority uri dispname``).
 """
@@ -150,12 +150,15 @@ def inventory(project, checkout):
     role = role or _role(obj)
     anchor = f"module-{full}" if role == "module" and kind == "sphinx" else full
     lines.setdefault(full, f"{full} py:{role} 1 {uri}#{anchor} -")
-    # The same object re-exported at the top of the package (optax's
-    # `optax.schedules.inject_hyperparams` is `optax.inject_hyperparams`):
-    # the short name, which users write, links to the same place.
-    short = f"{package}.{full.rsplit('.', 1)[-1]}"
-    if role != "module" and short != full and _import(short) is obj:
-      lines.setdefault(short, f"{short} py:{role} 1 {uri}#{anchor} -")
+    # The same object re-exported by a parent module (optax's
+    # `optax.schedules.inject_hyperparams` is `optax.inject_hyperparams`,
+    # flax's `flax.nnx.optimizer.Optimizer` is `flax.nnx.Optimizer`): the
+    # shorter names, which users write, link to the same place.
+    parts = full.split(".")
+    for i in range(1, len(parts) - 1):
+      short = ".".join(parts[:i] + parts[-1:])
+      if role != "module" and _import(short) is obj:
+        lines.setdefault(short, f"{short} py:{role} 1 {uri}#{anchor} -")
     if role in ("class", "exception"):
       for attr, value in vars(obj).items():
         if attr.startswith("_"):
