@@ -52,6 +52,12 @@ myst_heading_anchors = 3
 templates_path = ["_templates"]
 autosummary_generate = True
 autodoc_typehints = "description"
+# Types go next to the arguments a docstring documents, not into an extra
+# list (a NamedTuple's fields are documented as attributes, with their shapes
+# and dtypes in words).
+autodoc_typehints_description_target = "documented"
+napoleon_attr_annotations = False
+python_use_unqualified_type_names = True
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": False}
 napoleon_google_docstring = True
