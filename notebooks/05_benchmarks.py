@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -29,33 +29,22 @@
 # as good as the run that made them: the notebook prints which command,
 # machine and date produced the file it shows.
 #
-# **Install.** `optax_soaa` is not on PyPI. The next cell does nothing when
-# the package is already importable (a local install, or this notebook run
-# from a checkout with the repository on `PYTHONPATH`). Otherwise it installs
-# from the repository checkout around this notebook if there is one, and else
-# from the git URL in `OPTAX_SOAA_GIT_URL`: **edit that placeholder to point
-# at your copy of the repository** before running it on Colab. If pip
-# upgrades jax or flax there, restart the runtime once and run on.
+# **Install.** The next cell installs `optax_soaa` when it is not importable
+# yet: from the repository checkout around this notebook if there is one
+# (`pip install -e`), else by its name, `optax-soaa`. If pip upgrades jax or
+# flax (on Colab), restart the runtime once and run on.
 
 # %%
 import importlib.util
 import os
 import pathlib
 
-OPTAX_SOAA_GIT_URL = os.environ.get(
-    "OPTAX_SOAA_GIT_URL", "git+https://github.com/YOUR-USER/optax_soaa.git")
-
 if importlib.util.find_spec("optax_soaa") is None:
-  _here = pathlib.Path.cwd().resolve()
-  _checkout = next((p for p in (_here, *_here.parents)
-                    if (p / "pyproject.toml").is_file()
-                    and (p / "optax_soaa").is_dir()), None)
-  if _checkout is not None:
-    print(f"Installing optax_soaa from the local checkout {_checkout}")
-    # %pip install -q -e "{_checkout}[examples]"
-  else:
-    print(f"Installing optax_soaa from {OPTAX_SOAA_GIT_URL}")
-    # %pip install -q "optax-soaa[examples] @ {OPTAX_SOAA_GIT_URL}"
+  _root = next((p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
+                if (p / "pyproject.toml").is_file()
+                and (p / "optax_soaa").is_dir()), None)
+  _package = f'-e "{_root}[examples]"' if _root else "optax-soaa[examples]"
+  # %pip install -q {_package}
 
 # %% [markdown]
 # `NUM_STEPS` is the length of the training runs when this notebook runs the

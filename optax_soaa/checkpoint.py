@@ -10,13 +10,13 @@ the exact structure, dtypes and shapes of a target built from the optimizer::
   import jax, optax_soaa
   from optax_soaa import checkpoint
 
-  checkpoint.save("/tmp/run/step_1000", params, opt_state, step=1000)
+  checkpoint.save("run/step_1000", params, opt_state, step=1000)
 
   # In a fresh process: build the same optimizer and model, then
   params_like = jax.eval_shape(model.init, key, x)["params"]
   opt_state_like = jax.eval_shape(tx.init, params_like)
   params, opt_state, step = checkpoint.restore(
-      "/tmp/run/step_1000", params_like, opt_state_like)
+      "run/step_1000", params_like, opt_state_like)
 
 With the same data order (derive each batch from ``(seed, step)``) the
 continued run is bit-identical to an uninterrupted one.
@@ -70,7 +70,28 @@ _REPLACED = ".replaced"
 
 
 class IncompleteCheckpointError(ValueError):
-  """A checkpoint directory was never completed (its save was interrupted)."""
+  """A checkpoint directory was never completed (its save was interrupted).
+
+  Raised by :func:`restore` when the save writing that directory stopped
+  before it finished (the process was killed, the disk filled): only orbax's
+  temporary directory beside it exists. Restore an earlier checkpoint; the
+  next :func:`save` to the same path clears the leftover.
+
+  Examples:
+    An interrupted save leaves only orbax's temporary directory:
+
+    >>> import os, tempfile, jax.numpy as jnp, optax_soaa
+    >>> from optax_soaa import checkpoint
+    >>> path = os.path.join(tempfile.mkdtemp(), "step_10")
+    >>> os.makedirs(path + ".orbax-checkpoint-tmp-1")  # What a crash leaves.
+    >>> tx = optax_soaa.soaa(1e-3, total_steps=100)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> try:
+    ...   checkpoint.restore(path, params, tx.init(params))
+    ... except checkpoint.IncompleteCheckpointError:
+    ...   print("interrupted: restore an earlier checkpoint")
+    interrupted: restore an earlier checkpoint
+  """
 
 
 def _orbax():
@@ -209,6 +230,27 @@ def restore(
     FileNotFoundError: there is no checkpoint at `directory`.
     ValueError: (from orbax) when the checkpoint's arrays do not match the
       target, e.g. an optimizer built with other options.
+
+  Examples:
+    A checkpoint read back into targets built from the same model and
+    optimizer, as a fresh process would (``jax.eval_shape`` computes
+    nothing):
+
+    >>> import os, tempfile, jax, jax.numpy as jnp, optax_soaa
+    >>> from optax_soaa import checkpoint
+    >>> tx = optax_soaa.soaa(1e-3, total_steps=100)
+    >>> params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    >>> opt_state = tx.init(params)
+    >>> path = os.path.join(tempfile.mkdtemp(), "step_10")
+    >>> checkpoint.save(path, params, opt_state, step=10)
+    >>> params_like = jax.eval_shape(lambda: {"w": jnp.zeros((2, 3))})
+    >>> state_like = jax.eval_shape(tx.init, params_like)
+    >>> restored, opt_state, step = checkpoint.restore(
+    ...     path, params_like, state_like)
+    >>> step, restored["w"].tolist()
+    (10, [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    >>> opt_state[0].dt  # A SOAAState again, not a dict.
+    Array(1., dtype=float32)
   """
   ocp = _orbax()
   path = _readable(os.path.abspath(directory))

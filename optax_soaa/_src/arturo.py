@@ -11,29 +11,57 @@ from optax_soaa._src import utils
 
 
 class ArturoState(NamedTuple):
-  """State of :func:`scale_by_arturo`.
+  """State of :func:`scale_by_arturo`: the filter, the search precision, η.
 
   ``F`` below is a leaf's statistics dtype: float32, or the param's dtype
   where wider (a bfloat16 model keeps its filter in float32). ``S`` is the
   scalar dtype: float32, or the params' widest dtype where wider. A complex
   parameter of shape ``shape`` counts as the real pairs (Re, Im): its
   leaves below have shape ``shape + (2,)`` and its real dtype.
+
+  Attributes:
+    count: shape ``()``, int32: the steps taken.
+    b: like params, ``F``: the linear term ``b`` of the gradient model
+      ``g ≈ h θ + b``.
+    h: like params, ``F``: the diagonal Hessian estimate ``h``.
+    p00: like params, ``F``: the filter's covariance of ``b``.
+    p01: like params, ``F``: the filter's covariance of ``(b, h)``.
+    p11: like params, ``F``: the filter's covariance of ``h``.
+    precision: like params, ``F``: the search precision ``λ`` the last step
+      used (that step's ``λ_new`` is formed at the start of the next one).
+    eta: shape ``()``, ``S``: the dual variable ``η`` of the last step.
+    bisection_steps: shape ``()``, int32: the bisection iterations (KL
+      evaluations) of the last step.
+    kl: shape ``()``, ``S``: ``½ Σ λ (μ_new(mid) - θ)²`` at the last midpoint
+      the bisection evaluated (kept from the step before when it evaluated
+      none).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_soaa
+    >>> opt = optax_soaa.arturo(
+    ...     0.05, reg_weight=0.06, prior_prec=0.0015, dynamic_model_noise=0.02,
+    ...     measurement_noise=2.8, start_filter_cov=5e-5, nu=1.3)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.array([0.1, -0.2, 0.3])}, state,
+    ...                             params)
+    >>> arturo_state = state[0]  # arturo() is a chain: arTuRO's state first.
+    >>> int(arturo_state.count), arturo_state.h["w"].shape
+    (1, (3,))
+    >>> bool(optax.tree.get(state, "eta") > 0)  # The dual variable, by name.
+    True
   """
 
-  count: jax.Array  # shape=(), int32: steps taken.
-  b: optax.Updates  # like params, F: linear term of the gradient model.
-  h: optax.Updates  # like params, F: diagonal Hessian estimate.
-  p00: optax.Updates  # like params, F: filter covariance of b.
-  p01: optax.Updates  # like params, F: filter covariance of (b, h).
-  p11: optax.Updates  # like params, F: filter covariance of h.
-  precision: optax.Updates  # like params, F: search precision λ the last
-  # step used (that step's λ_new is formed at the start of the next one).
-  eta: jax.Array  # shape=(), S: dual variable η of the last step.
-  bisection_steps: jax.Array  # shape=(), int32: bisection iterations (KL
-  # evaluations) of the last step.
-  kl: jax.Array  # shape=(), S: ½ Σ λ (μ_new(mid) - θ)² at the last midpoint
-  # the bisection evaluated (kept from the step before when it evaluated
-  # none).
+  count: jax.Array
+  b: optax.Updates
+  h: optax.Updates
+  p00: optax.Updates
+  p01: optax.Updates
+  p11: optax.Updates
+  precision: optax.Updates
+  eta: jax.Array
+  bisection_steps: jax.Array
+  kl: jax.Array
 
 
 # See `levels_per_pass` in `scale_by_arturo`'s docstring.
@@ -194,22 +222,58 @@ def scale_by_arturo(
   ``update`` needs ``params`` (θ). Extra keyword arguments (``value=``
   included) are accepted and ignored.
 
+  Examples:
+    arTuRO's step under a step schedule of the KL bound (the authors decay
+    it at fixed epochs), with its sign flipped as :func:`arturo` does:
+
+    >>> import jax, jax.numpy as jnp, optax, optax_soaa
+    >>> def loss_fn(params, x, y):
+    ...   return jnp.mean((x @ params["w"] - y) ** 2)
+    >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+    >>> y = x @ jnp.array([1.0, -2.0, 0.5])
+    >>> params = {"w": jnp.zeros(3)}
+    >>> kl_bound = optax.piecewise_constant_schedule(
+    ...     0.0857, {150: 0.1, 225: 0.1})
+    >>> opt = optax.chain(
+    ...     optax_soaa.scale_by_arturo(
+    ...         kl_bound, reg_weight=0.0587, prior_prec=0.0015,
+    ...         dynamic_model_noise=0.0174, measurement_noise=2.82,
+    ...         start_filter_cov=5e-5, nu=1.3),
+    ...     optax.scale(-1.0))
+    >>> state = opt.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    ...   updates, state = opt.update(grads, state, params)
+    ...   return optax.apply_updates(params, updates), state, loss
+    >>> for _ in range(300):
+    ...   params, state, loss = step(params, state)
+    >>> bool(loss < 1e-2)
+    True
+
   Args:
-    kl_bound: see :func:`arturo`.
-    reg_weight: see :func:`arturo`.
-    prior_prec: see :func:`arturo`.
-    dynamic_model_noise: see :func:`arturo`.
-    measurement_noise: see :func:`arturo`.
-    start_filter_cov: see :func:`arturo`.
-    var_init: see :func:`arturo`.
-    eta_tol: see :func:`arturo`.
-    nu: see :func:`arturo`.
-    weight_decay: see :func:`arturo`.
-    max_eta: see :func:`arturo`.
-    clip_curvature: see :func:`arturo`.
-    levels_per_pass: see :func:`arturo`.
-    chunk_size: see :func:`arturo`.
-    axis_name: see :func:`arturo`.
+    kl_bound: ε > 0, the KL each step moves the search distribution by (the
+      step size), a float or an optax schedule of the step count.
+    reg_weight: ρ >= 0, weight of the prior (entropy) regulariser.
+    prior_prec: p0 >= 0, prior precision.
+    dynamic_model_noise: q >= 0, random-walk noise of the filter.
+    measurement_noise: R >= 0, gradient noise of the filter.
+    start_filter_cov: c0 >= 0, initial filter variance of b and h.
+    var_init: initial search variance, > 0 (λ₀ = 1/var_init).
+    eta_tol: absolute bisection tolerance on η, > 0.
+    nu: ν >= 0, weight of the old precision in λ_new (ρ + ν must be > 0).
+    weight_decay: decoupled decay >= 0, scaled by ε.
+    max_eta: upper end of the η bracket, > 0.
+    clip_curvature: use ``max(h, 0)`` in the primal and in λ_new (a guard
+      the reference code does not have; see :func:`arturo`).
+    levels_per_pass: bisection steps decided per evaluation of the KL sums
+      (a positive int; ``None``: 2); the same η bit for bit. See
+      :func:`arturo`.
+    chunk_size: how the passes over memory are laid out (``"auto"``, a
+      positive int or ``None``); the numbers do not depend on it beyond
+      summation order. See :func:`arturo`.
+    axis_name: name of a mapped axis over which the parameters are split;
+      the KL sums are then ``psum``-ed over it.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is an
@@ -469,7 +533,7 @@ def arturo(
   ``bisection_steps`` and ``kl`` in :class:`ArturoState`, found with
   ``optax.tree.get(opt_state, "eta")``. How the passes over memory of a step
   are laid out (and what ``levels_per_pass`` and ``chunk_size`` change) is
-  described in the repository's ``docs/internals.md``.
+  described on the documentation's :doc:`internals page </internals>`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_soaa

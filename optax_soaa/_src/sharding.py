@@ -106,7 +106,7 @@ def state_shardings(
     shardings: Optional[Any] = None,
     *,
     mesh: Optional[jax.sharding.Mesh] = None,
-) -> Any:
+) -> optax.OptState:
   """Shardings for ``optimizer.init(params)``, derived from the params'.
 
   Each state leaf that mirrors a parameter (same key path suffix and shape:
@@ -145,8 +145,8 @@ def state_shardings(
       to the mesh of the first ``NamedSharding`` among the shardings.
 
   Returns:
-    A pytree with the structure of the optimizer state, of
-    ``jax.sharding.Sharding``.
+    A pytree with the structure of the optimizer state (as
+    ``optimizer.init(params)`` returns it), of ``jax.sharding.Sharding``.
   """
   if shardings is None:
     def sharding_of(leaf):
@@ -202,7 +202,7 @@ def state_partition_specs(
     optimizer: _Initable,
     params: optax.Params,
     specs: Any,
-) -> Any:
+) -> optax.OptState:
   """``PartitionSpec`` s of ``optimizer.init(params)``'s state, from params'.
 
   The ``shard_map`` counterpart of :func:`state_shardings`:
@@ -211,6 +211,21 @@ def state_partition_specs(
   of a ``jax.shard_map`` train step in which the params are split and the
   optimizer is built with ``axis_name=`` naming the split axes.
 
+  Examples:
+    Each parameter's last axis split over the ``"model"`` axis of a mesh of
+    every device (one device here; the same code runs on many):
+
+    >>> import jax, jax.numpy as jnp, optax_soaa
+    >>> from jax.sharding import PartitionSpec as P
+    >>> params = {"w": jnp.ones((4, 8)), "b": jnp.zeros(8)}
+    >>> param_specs = {"w": P(None, "model"), "b": None}
+    >>> opt = optax_soaa.soaa(1e-3, total_steps=1000, axis_name="model")
+    >>> specs = optax_soaa.state_partition_specs(opt, params, param_specs)
+    >>> specs[0].mu["w"] == P(None, "model")  # Split like w.
+    True
+    >>> specs[0].mu["b"] == P() and specs[0].dt == P()  # Replicated.
+    True
+
   Args:
     optimizer: an optax ``GradientTransformation`` (or its ``init``).
     params: the *global* params (arrays or ``jax.ShapeDtypeStruct`` s).
@@ -218,7 +233,8 @@ def state_partition_specs(
       replicated).
 
   Returns:
-    A pytree with the structure of the optimizer state, of ``PartitionSpec``.
+    A pytree with the structure of the optimizer state (as
+    ``optimizer.init(params)`` returns it), of ``PartitionSpec``.
   """
   specs = jax.tree.map(
       lambda s: PartitionSpec() if s is None else s, specs,

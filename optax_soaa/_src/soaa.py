@@ -12,16 +12,38 @@ from optax_soaa._src import utils
 
 CURVATURES = ("second_moment", "variance", "none")
 
-# Marks `reduction_chunk_size` as not given (None is one of its values).
-_UNSET = object()
+class _Unset:
+  """Marks `reduction_chunk_size` as not given (None is one of its values)."""
+
+  def __repr__(self):
+    return "<deprecated>"
+
+
+_UNSET = _Unset()
 
 
 class MissingValueWarning(UserWarning):
   """SOAA was updated without ``value=``: its trust region ``dt`` stays fixed.
 
-  Silence it where that is meant (SOAA as Adam with a fixed step factor)::
+  Raised (as a warning) by the ``update`` of :func:`soaa` and
+  :func:`scale_by_soaa` when it is called without the loss. Pass
+  ``value=loss``, or silence it where a fixed ``dt`` is meant (SOAA as Adam
+  with a fixed step factor).
 
-    warnings.filterwarnings("ignore", category=optax_soaa.MissingValueWarning)
+  Examples:
+    >>> import warnings, jax.numpy as jnp, optax_soaa
+    >>> opt = optax_soaa.soaa(1e-3, total_steps=100)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = opt.init(params)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   _ = opt.update({"w": jnp.ones(3)}, state, params)  # No value=.
+    >>> [w.category.__name__ for w in caught]
+    ['MissingValueWarning']
+    >>> with warnings.catch_warnings():
+    ...   warnings.filterwarnings(
+    ...       "ignore", category=optax_soaa.MissingValueWarning)
+    ...   _ = opt.update({"w": jnp.ones(3)}, state, params)  # Silent.
   """
 
 
@@ -40,23 +62,56 @@ def _check_value(value: Any) -> None:
 
 
 class SOAAState(NamedTuple):
-  """State of :func:`scale_by_soaa`.
+  """State of :func:`scale_by_soaa`: moments, trust region and diagnostics.
 
-  `S` below is the scalar dtype: float32, or the params' dtype where wider.
+  ``S`` below is the scalar dtype: float32, or the params' dtype where wider.
+  Every field keeps its shape and dtype from step to step.
+
+  Attributes:
+    count: shape ``()``, int32: the steps taken.
+    mu: like params (dtype ``mu_dtype``, else the params'): the first moment
+      ``m``.
+    nu: like params (dtype ``nu_dtype``, else the params'; real, float32 for
+      complex64 params): the second moment ``s`` of ``|g|²``.
+    curvature: like ``nu``: the centred variance ``v`` with
+      ``curvature="variance"``; ``None`` otherwise (``v̂ = ŝ``, or ``v̂ = 0``
+      for ``"none"``).
+    dt: shape ``()``, ``S``: the trust-region multiplier of the next step;
+      starts at 1.
+    loss_avg: shape ``()``, ``S``: the moving average of the loss (not bias
+      corrected).
+    predicted_reduction: shape ``()``, ``S``: ``pr``, the loss reduction the
+      quadratic model predicted for the last step given a loss.
+    trust_ratio: shape ``()``, ``S``: ``(l̂ - l) / max(pr, eps)`` of the last
+      step given a loss.
+    fisher_ratio: shape ``()``, ``S``: the last ``r = Σ m̂² / Σ (v̂ + eps)``.
+    skipped_values: shape ``()``, int32: how many non-finite ``value`` s were
+      ignored.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_soaa
+    >>> opt = optax_soaa.soaa(1e-3, total_steps=100)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = opt.init(params)
+    >>> grads = {"w": jnp.array([0.1, -0.2, 0.3])}
+    >>> updates, state = opt.update(grads, state, params, value=jnp.array(1.0))
+    >>> soaa_state = state[0]  # soaa() is a chain: SOAA's state comes first.
+    >>> int(soaa_state.count), float(soaa_state.dt), soaa_state.mu["w"].shape
+    (1, 1.0, (3,))
+    >>> float(optax.tree.get(state, "dt"))  # The same field, found by name.
+    1.0
   """
 
-  count: jax.Array  # shape=(), int32: steps taken.
-  mu: optax.Updates  # like params (dtype mu_dtype or params'): first moment m.
-  nu: optax.Updates  # like params (dtype nu_dtype or params', real: float32
-  # for complex64 params): second moment s of |g|².
-  curvature: Optional[optax.Updates]  # like nu: centred variance v with
-  # curvature="variance"; None otherwise (v̂ = ŝ, or v̂ = 0 for "none").
-  dt: jax.Array  # shape=(), S: trust-region multiplier, starts at 1.
-  loss_avg: jax.Array  # shape=(), S: EMA of the loss (not bias-corrected).
-  predicted_reduction: jax.Array  # shape=(), S: pr of the last loss step.
-  trust_ratio: jax.Array  # shape=(), S: last (l̂ - l) / max(pr, eps).
-  fisher_ratio: jax.Array  # shape=(), S: last r = Σ m̂² / Σ (v̂ + eps).
-  skipped_values: jax.Array  # shape=(), int32: non-finite `value`s ignored.
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  curvature: Optional[optax.Updates]
+  dt: jax.Array
+  loss_avg: jax.Array
+  predicted_reduction: jax.Array
+  trust_ratio: jax.Array
+  fisher_ratio: jax.Array
+  skipped_values: jax.Array
 
 
 # The two passes of a step, per leaf (see `passes.run`). `v` is the
@@ -158,6 +213,33 @@ def scale_by_soaa(
   the readings of the paper. The transform takes the learning rate because
   the predicted loss reduction that drives ``dt`` is that of the step
   actually taken, ``-α g_adj``.
+
+  Examples:
+    SOAA's direction with a step of your own: here gradient clipping before
+    it and a cosine schedule, given to the transform (for ``dt``) and to the
+    step alike. This is :func:`soaa` without weight decay.
+
+    >>> import jax, jax.numpy as jnp, optax, optax_soaa
+    >>> def loss_fn(params, x, y):
+    ...   return jnp.mean((x @ params["w"] - y) ** 2)
+    >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+    >>> y = x @ jnp.array([1.0, -2.0, 0.5])
+    >>> params = {"w": jnp.zeros(3)}
+    >>> schedule = optax.cosine_decay_schedule(3e-2, decay_steps=300)
+    >>> opt = optax.chain(
+    ...     optax.clip_by_global_norm(1.0),
+    ...     optax_soaa.scale_by_soaa(schedule, total_steps=300),
+    ...     optax.scale_by_learning_rate(schedule))
+    >>> state = opt.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    ...   updates, state = opt.update(grads, state, params, value=loss)
+    ...   return optax.apply_updates(params, updates), state, loss
+    >>> for _ in range(300):
+    ...   params, state, loss = step(params, state)
+    >>> bool(loss < 1e-3)
+    True
 
   Args:
     learning_rate: the step size α or an optax schedule (evaluated at the
@@ -434,8 +516,8 @@ def soaa(
   finds them through ``chain`` and ``inject_hyperparams``.
 
   How the two passes over memory of a step run on each backend (and what
-  ``chunk_size`` changes) is described in the repository's
-  ``docs/internals.md``.
+  ``chunk_size`` changes) is described on the documentation's
+  :doc:`internals page </internals>`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_soaa
