@@ -32,17 +32,9 @@ import optax_soaa.flax
 MODULES = (optax_soaa, optax_soaa.flax, optax_soaa.checkpoint)
 NAMES = [f"{m.__name__}.{n}" for m in MODULES for n in m.__all__]
 
-# Names whose docstrings live in files being rewritten under another issue
-# (the layer-statistics package and AdaFisher, issue 27): they are expected to
-# meet the same checks once it lands. Strict: a name that passes fails here
-# until it is removed from this list.
-PENDING = {
-    "optax_soaa.AdaFisherState", "optax_soaa.scale_by_adafisher",
-    "optax_soaa.stats_due", "optax_soaa.describe_stats",
-    "optax_soaa.stats_layouts", "optax_soaa.LayerStats",
-    "optax_soaa.LayerLayout", "optax_soaa.flax.value_grad_and_stats",
-    "optax_soaa.flax.nnx_value_grad_and_stats",
-}
+# Names expected to fail the checks for now (strict: a name that passes fails
+# until it is removed from this set). Empty: every public name passes.
+PENDING: set = set()
 
 _SECTION = re.compile(r"^([A-Z][A-Za-z ]*):\s*$")
 

@@ -108,10 +108,7 @@ def _page_doctests(page):
   return opens, test
 
 
-@pytest.mark.parametrize("page", [
-    "soaa", "arturo",
-    pytest.param("adafisher", marks=pytest.mark.xfail(
-        strict=True, reason="page rewritten under issue 27"))])
+@pytest.mark.parametrize("page", ["soaa", "arturo", "adafisher"])
 def test_algorithm_page_opens_with_a_snippet_that_runs(page):
   """Each algorithm page opens with a runnable example (``pycon`` blocks:
   doctests, run here in one namespace as a reader would paste them)."""
