@@ -46,6 +46,7 @@ class Plan:
     self.reasons = matching.reasons
     self.uses = graph.uses
     self.blocked = graph.blocked
+    self.primary: dict = {}  # leaf -> its (kind, part, layout)
     self.transposed: set = set()  # (site, leaf): a tied table's other use
     self.tied: set = set()  # leaves with transposed uses
     self.sites = self._consistent(matching.sites)
@@ -68,40 +69,37 @@ class Plan:
     table.T``), keeps that use: its statistics are swapped into the table's
     layout in :meth:`finish`.
     """
-    first = {}
+    first = {}  # leaf -> (kind, part, layout, leaves of that site)
     for site in sorted(sites, key=lambda s: s.kind != "embedding"):
       for leaf, (part, layout) in site.leaves.items():
-        first.setdefault(leaf, (part, layout, site))
-    bad = set()
+        first.setdefault(leaf, (site.kind, part, layout, len(site.leaves)))
+    bad, transposed = set(), set()
     for sid, site in enumerate(sites):
       for leaf, (part, layout) in site.leaves.items():
-        part0, layout0, site0 = first[leaf]
+        _, part0, layout0, n0 = first[leaf]
         if (part, layout) == (part0, layout0):
           continue
-        if (part == part0 == "kernel" and len(site.leaves) == len(site0.leaves) == 1
-            and layout == LayerLayout(layout0.stack_axes, layout0.out_axes, layout0.in_axes)):
-          self.transposed.add((sid, leaf))
-          self.tied.add(leaf)
+        swapped = LayerLayout(layout0.stack_axes, layout0.out_axes, layout0.in_axes)
+        if part == part0 == "kernel" and len(site.leaves) == n0 == 1 and layout == swapped:
+          transposed.add((sid, leaf))
         else:
           bad.add(leaf)
     for leaf in bad:
       self.reasons[leaf].append(
           "used by several layers with different roles or layouts")
     keep = [sid for sid, s in enumerate(sites) if not bad & set(s.leaves)]
-    self.transposed = {(keep.index(sid), leaf) for sid, leaf in self.transposed
-                       if sid in keep}
+    self.primary = {leaf: v[:3] for leaf, v in first.items() if leaf not in bad}
+    self.transposed = {(keep.index(sid), leaf) for sid, leaf in transposed if sid in keep}
     self.tied = {leaf for _, leaf in self.transposed}
     return [sites[sid] for sid in keep]
 
   def leaf_info(self) -> dict:
     """leaf -> (kind, part, layout, number of calls)."""
-    info = {}
-    for sid, site in sorted(enumerate(self.sites), key=lambda e: (
-        any((e[0], leaf) in self.transposed for leaf in e[1].leaves))):
-      for leaf, (part, layout) in site.leaves.items():
-        kind, part, layout, calls = info.get(leaf, (site.kind, part, layout, 0))
-        info[leaf] = (kind, part, layout, calls + site.calls)
-    return info
+    calls = collections.Counter()
+    for site in self.sites:
+      for leaf in site.leaves:
+        calls[leaf] += site.calls
+    return {leaf: (*self.primary[leaf], n) for leaf, n in calls.items()}
 
   def probes(self, dtype, axes: frozenset) -> dict:
     return {
