@@ -97,7 +97,8 @@ def test_position_table_added_to_activations():
   def loss_fn(p, ids):
     return _head(p["table"][ids] + p["pos"][:ids.shape[1]])
 
-  _, _, extras = optax_soaa.value_grad_and_stats(loss_fn)(params, IDS)
+  # Under jit: the table's row map is a constant of the trace.
+  _, _, extras = jax.jit(optax_soaa.value_grad_and_stats(loss_fn))(params, IDS)
   y = params["table"][IDS] + params["pos"][:T]
   delta = _delta(y)
   h = np.r_[np.full(T, 1 / T), np.zeros(3)]
@@ -130,6 +131,14 @@ def test_tied_embedding_averages_its_two_uses_in_the_table_layout():
          (mm(s_emb) + mm(h_head)) / 2, "embedding")
   report = optax_soaa.describe_stats(loss_fn, params, IDS)
   assert "tied" in report and "2 calls" in report
+  # An output bias keeps its dense statistics and the table stays tied.
+  params["b"] = jnp.zeros(V)
+  with_bias = lambda p, ids: jnp.sum(jnp.sin(jnp.tanh(p["table"][ids]) @ p["table"].T + p["b"]))
+  stats = optax_soaa.value_grad_and_stats(with_bias)(params, IDS)[2]["stats"]
+  _check(stats["table"], (mm(h_emb) + mm(s_head)) / 2, (mm(s_emb) + mm(h_head)) / 2,
+         "embedding")
+  assert stats["b"].part == "bias" and stats["b"].kind == "dense"
+  np.testing.assert_allclose(stats["b"].s, s_head, rtol=2e-5)
 
 
 # ------------------------------------------------------------ normalisations
@@ -226,7 +235,7 @@ NORM_CASES = {
 def test_normalisation_statistics_match_hand_computation(case):
   params, apply, x, normalised, reshape, feature_dims, kind, names = NORM_CASES[case]()
   loss_fn = lambda p, x: jnp.sum(jnp.sin(apply(p, x)) * 0.5)
-  _, grads, extras = optax_soaa.value_grad_and_stats(loss_fn)(params, x)
+  _, grads, extras = jax.jit(optax_soaa.value_grad_and_stats(loss_fn))(params, x)
   chex.assert_trees_all_close(grads, jax.grad(loss_fn)(params, x), rtol=1e-5, atol=1e-6)
   delta = 0.5 * np.cos(np.asarray(apply(params, x), np.float64))
   x_seen = np.asarray(x).reshape(reshape) if reshape else np.asarray(x)
@@ -279,6 +288,44 @@ def test_leaf_without_statistics_warns_by_name_unless_fallback_is_chosen():
   assert "1/damping times less" in optax_soaa.describe_stats(loss_fn, params, x)
   with pytest.raises(ValueError, match="fallback"):
     optax_soaa.adafisher(fallback="sgd")
+
+
+def test_added_parameter_that_is_no_table_gets_no_statistics():
+  """A bias vector added to an unrecognised layer's output, or W + A @ B,
+  is not a table of rows."""
+  params = {"w": jnp.ones((3, 2)), "a": jnp.ones((3, 1)), "b": jnp.ones((1, 2)),
+            "v": jnp.ones(2)}
+
+  def loss_fn(p, x):
+    merged = p["w"] + p["a"] @ p["b"]  # a LoRA merge
+    return jnp.sum(jnp.sin(jnp.einsum("bi,bi->b", x, x)[:, None] + p["v"])) + jnp.sum(
+        x @ merged)
+
+  report = optax_soaa.describe_stats(loss_fn, params, jnp.ones((4, 3)))
+  lines = {line.split()[0]: line for line in report.splitlines()}
+  assert "fallback" in lines["['w']"] and "fallback" in lines["['v']"], report
+
+
+def test_equinox_transformer_pieces_without_a_key():
+  """Equinox's attention holds a dropout rate as a Python float: it is a
+  setting, passed through, not differentiated (as eqx.filter_value_and_grad)."""
+  attn = eqx.nn.MultiheadAttention(2, D, key=jax.random.key(1))
+  norm = eqx.nn.LayerNorm(D)
+  model = (attn, norm, eqx.nn.Embedding(V, D, key=jax.random.key(2)))
+
+  def loss_fn(model, ids):
+    attn, norm, embed = model
+    x = jax.vmap(jax.vmap(embed))(ids)
+    y = jax.vmap(lambda x: attn(x, x, x))(x)  # no key: dropout off
+    return jnp.sum(jax.vmap(jax.vmap(norm))(x + y) ** 2)
+
+  _, grads, extras = optax_soaa.value_grad_and_stats(loss_fn)(model, IDS)
+  chex.assert_trees_all_close(grads, eqx.filter_grad(loss_fn)(model, IDS), rtol=1e-4,
+                              atol=1e-6)
+  assert grads[0].dropout.p is None and extras["stats"][0].dropout.p is None
+  assert extras["stats"][2].weight.kind == "embedding"
+  assert extras["stats"][1].weight.kind == "layer_norm"
+  assert extras["stats"][0].query_proj.weight.kind == "dense"
 
 
 def test_equinox_model_with_non_array_leaves_trains_with_adafisher():

@@ -21,17 +21,16 @@ def _is_traced_input(x) -> bool:
 
 
 def _is_differentiable(x) -> bool:
-  """What ``eqx.filter_value_and_grad`` differentiates (inexact arrays), and
-  Python floats as ``jax.value_and_grad`` does."""
-  if isinstance(x, (float, complex)) and not isinstance(x, bool):
-    return True
+  """What ``eqx.filter_value_and_grad`` differentiates: inexact arrays (not
+  Python floats, which Equinox modules hold as settings, e.g. a dropout
+  rate)."""
   return _is_traced_input(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 class _Traced(NamedTuple):
   """One trace of the loss: its plan, and how the params split.
 
-  Params leaves that are inexact arrays (or Python floats) are differentiated
+  Params leaves that are inexact arrays are differentiated
   (``p_leaves``); other arrays are traced but not differentiated, and other
   Python objects (an Equinox model's functions, flags) are closed over; both
   get ``None`` for their gradient and statistics, as
@@ -177,10 +176,10 @@ def value_grad_and_stats(
       are traced (as under ``jax.jit``, also when called eagerly); other
       Python values (flags, strings) are passed as they are. ``params`` may
       hold non-array leaves (an Equinox model's activation functions): as
-      ``eqx.filter_value_and_grad`` does, the inexact arrays (and Python
-      floats) are differentiated, other arrays are traced, other values are
-      passed through, and all of those get ``None`` for their gradient and
-      statistics.
+      ``eqx.filter_value_and_grad`` does, the inexact arrays are
+      differentiated, other arrays are traced, other values (Python numbers
+      included) are passed through, and all of those get ``None`` for their
+      gradient and statistics.
     has_aux: as in :func:`jax.value_and_grad`.
     axis_name: a mapped axis (``pmap`` / ``shard_map`` data parallelism): the
       statistics are then those of the whole batch across devices (the

@@ -3,10 +3,10 @@ linear layer's statistics to its kernel (and bias) leaves, and the bias."""
 
 import math
 
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_soaa._src.layer_stats.sites import global_batch
 from optax_soaa._src.layer_stats.sites import Matching
 from optax_soaa._src.layer_stats.sites import Site
 from optax_soaa._src.layer_stats.views import axis_size
@@ -62,11 +62,7 @@ def linear_site(m: Matching, kind, rec, kv, x_idx, h_fn, out_dims, in_atoms, out
   n_out = math.prod(y_shape[d] for d in out_dims)
 
   def post(h, s, axis_name):
-    if axis_name is not None:
-      n_dev = lax.psum(1, axis_name)
-      h = lax.pmean(h, axis_name)
-      # δ of the device-averaged loss is δ_local / n_devices.
-      s = lax.pmean(s, axis_name) / (n_dev * n_dev)
+    h, s = global_batch(h, s, axis_name)
     h = block_relayout(h, n_lev, in_atoms, leaf_shape, layout.in_axes, True)
     if bias is not None:
       h = jnp.concatenate([h, jnp.ones(h.shape[:-1] + (1,), h.dtype)], axis=-1)
@@ -154,5 +150,3 @@ def bias_map(m: Matching, y_view, bv: PView, y_shape, out_dims, kv):
   order = np.empty(n_out, np.int64)
   order[idx] = np.arange(n_out)
   return layout, order
-
-# -- normalisation layers --------------------------------------------------

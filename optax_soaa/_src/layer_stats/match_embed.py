@@ -13,11 +13,17 @@ A table added to activations, ``x + pos[:T]`` (any slice, reshape or
 broadcast of it), is a dense layer on one-hot positions: the rows of the sum
 (every axis but the last, the features) each add one row of the table, so
 ``h[row] = (rows that add it) / N`` (a constant of the shapes) and
-``s = Σ δ² / N`` at the sum.
+``s = Σ δ² / N`` at the sum. It must have several rows, each broadcast over
+some axis of the sum (a batch): a bias vector or a parameter-sized sum
+(``W + A @ B``) is not a table. A table whose rows are all added equally
+often (a position table used at its full length) has a constant ``h``, which
+AdaFisher's min-max normalisation maps to 0: its Fisher is the damping, as
+for any layer whose input statistic is constant.
 """
 
 import math
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
@@ -25,17 +31,17 @@ import numpy as np
 from optax_soaa._src import utils
 from optax_soaa._src.layer_stats.graph import is_var
 from optax_soaa._src.layer_stats.linear import linear_site
+from optax_soaa._src.layer_stats.sites import global_batch
 from optax_soaa._src.layer_stats.sites import Matching
 from optax_soaa._src.layer_stats.sites import Site
 from optax_soaa._src.layer_stats.types import LayerLayout
 from optax_soaa._src.layer_stats.views import IDENTITY_LAYOUT
+from optax_soaa._src.layer_stats.views import LAYOUT_PRIMITIVES
 from optax_soaa._src.layer_stats.views import mean_over_repeats
 
 _KIND = "embedding"
 # What may stand between a table and its sum with the activations.
-_TABLE_OPS = IDENTITY_LAYOUT | frozenset({
-    "slice", "reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
-})
+_TABLE_OPS = LAYOUT_PRIMITIVES | frozenset({"slice"})
 
 
 def _stat_dtype(dtype) -> jnp.dtype:
@@ -70,7 +76,9 @@ def match_gather(m: Matching, rec) -> None:
   out_dims = tuple(out_dim_of[a] for a in whole)
   components = [list(dn.start_index_map).index(a) for a in indexed]
   rows_shape = tuple(table_shape[a] for a in indexed)
-  clip = "CLIP" in str(eqn.params["mode"]).upper()
+  # Out-of-range ids read a clamped row (CLIP, and PROMISE_IN_BOUNDS as XLA
+  # implements it) or nothing (FILL_OR_DROP).
+  clip = "FILL" not in str(eqn.params["mode"]).upper()
   dtype = _stat_dtype(eqn.invars[0].aval.dtype)
 
   def h_fn(indices):
@@ -128,10 +136,12 @@ def _table_index(m: Matching, ctx, v):
   shape = (tuple(src_eqn.invars[0].aval.shape) if src_eqn is not None
            else tuple(v.aval.shape))
   idx = _view_index(pv, shape, m.g.leaf_shapes[pv.leaf])
-  for eqn in reversed(chain):
-    if eqn.primitive.name not in IDENTITY_LAYOUT:
-      params = eqn.primitive.get_bind_params(eqn.params)
-      idx = np.asarray(eqn.primitive.bind(jnp.asarray(idx, jnp.int32), **params))
+  # Replayed on constants: evaluated now, also under the caller's jit or vmap.
+  with jax.ensure_compile_time_eval():
+    for eqn in reversed(chain):
+      if eqn.primitive.name not in IDENTITY_LAYOUT:
+        params = eqn.primitive.get_bind_params(eqn.params)
+        idx = np.asarray(eqn.primitive.bind(jnp.asarray(idx, jnp.int32), **params))
   return pv.leaf, idx
 
 
@@ -179,6 +189,14 @@ def match_added_table(m: Matching, rec) -> None:
   in_sizes = tuple(leaf_shape[a] for a in in_axes)
   in_flat = (np.ravel_multi_index(tuple(rows_in[a] for a in in_axes), in_sizes)
              if in_axes else np.zeros(y_shape[:-1], np.int64))
+  # A table: several rows, each broadcast over some axis of the sum (a
+  # batch). Not a bias vector, nor a parameter-sized merge (W + A @ B).
+  broadcast = any(y_shape[d] > 1 and not np.any(np.diff(in_flat, axis=d))
+                  for d in range(len(y_shape) - 1))
+  if math.prod(in_sizes) < 2 or not broadcast:
+    m.reasons[leaf].append(
+        "added to activations, but not a table of rows broadcast over a batch")
+    return
   n_rows = math.prod(y_shape[:-1])
   dtype = _stat_dtype(eqn.outvars[0].aval.dtype)
   h_const = np.bincount(in_flat.ravel(), minlength=math.prod(in_sizes)) / max(n_rows, 1)
@@ -192,10 +210,7 @@ def match_added_table(m: Matching, rec) -> None:
     return jnp.asarray(h_const, dtype)
 
   def post(h, s, axis_name):
-    if axis_name is not None:
-      n_dev = lax.psum(1, axis_name)
-      h = lax.pmean(h, axis_name)
-      s = lax.pmean(s, axis_name) / (n_dev * n_dev)
+    h, s = global_batch(h, s, axis_name)
     h, s = (mean_over_repeats(v, levels) for v in (h, s[..., order]))
     return {leaf: ("kernel", layout, h, s)}
 

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 from jax import lax
 import jax.numpy as jnp
 import jax.extend.core as jex_core
+import numpy as np
 
 from optax_soaa._src import utils
 from optax_soaa._src.layer_stats.graph import is_var
@@ -44,7 +45,7 @@ _SAME_ELEMENTS = IDENTITY_LAYOUT | frozenset({"reshape", "transpose"})
 _FACTOR_PATH = IDENTITY_LAYOUT | frozenset({
     "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "psum", "pmean",
     "psum_invariant", "rsqrt", "sqrt", "add", "max", "integer_pow", "div",
-    "mul", "sub", "jit", "pjit",
+    "mul", "sub",
 })
 
 
@@ -101,7 +102,7 @@ def _root(m: Matching, node):
 def _is_zero(m: Matching, ctx, v, depth=0) -> bool:
   """Whether `v` is a broadcast constant zero (Flax RMSNorm's ``x - 0``)."""
   if isinstance(v, jex_core.Literal):
-    return not jnp.any(jnp.asarray(v.val))
+    return not np.any(np.asarray(v.val))
   rec = m.g.producer.get(m.g.node(ctx, v))
   if rec is None or depth > 4 or rec.eqn.primitive.name not in (
       IDENTITY_LAYOUT | {"broadcast_in_dim", "reshape"}):

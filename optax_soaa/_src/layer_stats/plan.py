@@ -80,7 +80,8 @@ class Plan:
         if (part, layout) == (part0, layout0):
           continue
         swapped = LayerLayout(layout0.stack_axes, layout0.out_axes, layout0.in_axes)
-        if part == part0 == "kernel" and len(site.leaves) == n0 == 1 and layout == swapped:
+        # The output layer may have a bias (its own leaf); the lookup may not.
+        if part == part0 == "kernel" and n0 == 1 and layout == swapped:
           transposed.add((sid, leaf))
         else:
           bad.add(leaf)

@@ -17,6 +17,18 @@ from optax_soaa._src.layer_stats.views import PView
 from optax_soaa._src.layer_stats.views import source_view
 
 
+def global_batch(h, s, axis_name):
+  """A linear layer's statistics of the whole batch across the devices of
+  `axis_name` (None: unchanged): means of the per-device ones, ``s`` also
+  divided by ``n_devices²`` since δ of the device-averaged loss is
+  ``δ_local / n_devices``."""
+  if axis_name is None:
+    return h, s
+  n_dev = jax.lax.psum(1, axis_name)
+  return (jax.lax.pmean(h, axis_name),
+          jax.lax.pmean(s, axis_name) / (n_dev * n_dev))
+
+
 def acc_dtype(x) -> jnp.dtype:
   """The dtype statistics are accumulated in: float32 or wider."""
   return jnp.promote_types(x.dtype, jnp.float32)

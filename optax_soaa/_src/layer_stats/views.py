@@ -103,8 +103,6 @@ def apply_layout_op(eqn, view: View) -> Optional[View]:
 LAYOUT_PRIMITIVES = IDENTITY_LAYOUT | frozenset({
     "reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
 })
-# Calls whose body is evaluated in place (its semantics do not depend on the
-# Mapping statistics between a value's axes and a leaf's axes.
 
 
 class PView(NamedTuple):
