@@ -88,6 +88,9 @@ def test_matches_numpy_reference(case, chunk_size, x64):
     params = jax.tree.unflatten(treedef, [jnp.asarray(p) for p in np_params])
     kwargs = {"value": jnp.asarray(value)} if cfg["with_value"] else {}
     updates, state = update(grads, state, params, **kwargs)
+    # The library forms a step's predicted reduction in the next update:
+    # after update t it holds the reference's pr after step t - 1.
+    ref_pr = ref_state.pr
     ref_updates, ref_state = ref.step(
         ref_state, np_grads, np_params,
         value if cfg["with_value"] else None, lr_fn=lr_fn, **hp)
@@ -105,7 +108,7 @@ def test_matches_numpy_reference(case, chunk_size, x64):
       assert soaa_state.curvature is None
     for name, ref_value in [
         ("dt", ref_state.dt), ("loss_avg", ref_state.loss_avg),
-        ("predicted_reduction", ref_state.pr),
+        ("predicted_reduction", ref_pr),
         ("trust_ratio", ref_state.trust_ratio),
         ("fisher_ratio", ref_state.fisher_ratio)]:
       np.testing.assert_allclose(
@@ -156,10 +159,16 @@ def test_non_finite_value_keeps_trust_region_state():
   state = opt.init(params)
   for v in [2.0, 1.5, 1.2]:
     _, state = update(params, state, params, value=v)
-  for bad in [jnp.nan, jnp.inf, -jnp.inf]:
+  assert bool(state.pending_reduction)
+  for i, bad in enumerate([jnp.nan, jnp.inf, -jnp.inf]):
     _, new_state = update(params, state, params, value=bad)
-    for name in ["dt", "loss_avg", "predicted_reduction", "trust_ratio"]:
+    for name in ["dt", "loss_avg", "trust_ratio"]:
       assert float(getattr(new_state, name)) == float(getattr(state, name))
+    # The first update after the last finite loss forms that step's
+    # predicted reduction; a step without a finite loss leaves none to form.
+    assert not bool(new_state.pending_reduction)
+    pr, old_pr = new_state.predicted_reduction, state.predicted_reduction
+    assert (float(pr) != float(old_pr)) == (i == 0)
     assert int(new_state.skipped_values) == int(state.skipped_values) + 1
     # Moments still advance.
     assert int(new_state.count) == int(state.count) + 1

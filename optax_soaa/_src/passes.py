@@ -78,6 +78,7 @@ def run(
     sum_dtype: Any = jnp.float32,
     chunk_size: Optional[int] = None,
     carried: Sequence[int] = (),
+    terms_read_old: bool = False,
     axis_name: Optional[str] = None,
 ) -> Result:
   """One pass over memory: every leaf of `inputs` and `states`, once.
@@ -89,7 +90,9 @@ def run(
   * ``terms(*inputs, *new_states, **s)`` returns K arrays of terms (a tuple,
     or one array with a leading axis of size K), each summed over every
     element of every leaf in `sum_dtype` and, with `axis_name`, over that
-    mapped axis;
+    mapped axis; with `terms_read_old`, ``terms(*inputs, *new_states,
+    *states, **s)`` reads the old states too (a sum that belongs to the
+    step before, formed in this pass instead of a pass of its own);
   * ``output(*inputs, *new_states, **s)`` returns an array, computed over
     whole arrays (never sliced) so that XLA fuses it into its consumer (the
     returned updates, into `optax.apply_updates`).
@@ -128,7 +131,7 @@ def run(
         new, total = _sliced(
             (lambda *xs: update(*xs, **scalars)) if update else None,
             (lambda *xs: terms(*xs, **scalars)) if terms else None,
-            ins, olds, chunk_size, carried, sum_dtype,
+            ins, olds, chunk_size, carried, sum_dtype, terms_read_old,
         )
       new_leaves.append(new)
       if total is not None:
@@ -136,7 +139,8 @@ def run(
       if output is not None:
         out_leaves.append(output(*ins, *new, **scalars))
     if terms is not None and sums is None:  # No leaves: K sums of nothing.
-      empty = [jnp.zeros((0,), sum_dtype)] * (len(inputs) + len(states))
+      empty = [jnp.zeros((0,), sum_dtype)] * (
+          len(inputs) + len(states) * (1 + terms_read_old))
       sums = _sums(terms(*empty, **scalars), sum_dtype)
     if sums is not None and axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
@@ -177,7 +181,7 @@ def _even_chunk(size: int, chunk: int) -> int:
   return chunk
 
 
-def _sliced(update, terms, inputs, states, chunk, carried, dtype):
+def _sliced(update, terms, inputs, states, chunk, carried, dtype, read_old):
   """One leaf's new states and summed terms, slice by slice.
 
   Over a leaf larger than `chunk` the pass runs in a loop: the new states
@@ -193,8 +197,13 @@ def _sliced(update, terms, inputs, states, chunk, carried, dtype):
   states listed in `carried` reach `update` through the loop carry: each
   slice is read from the array after the write before it, so the update
   may read it in any number of fusions (arTuRO's λ and h both read the old
-  h). A carried state costs one more slice copy per iteration.
+  h). A carried state costs one more slice copy per iteration. Terms that
+  read the old states (`read_old`) read them from the carry: every state
+  is carried then.
   """
+  if read_old:
+    carried = range(len(states))
+  old_terms = lambda olds: tuple(olds) if read_old else ()
   def new_states(*xs):
     if update is None:
       return ()
@@ -203,7 +212,8 @@ def _sliced(update, terms, inputs, states, chunk, carried, dtype):
   size = (states or inputs)[0].size
   if chunk is None or size <= chunk:
     new = new_states(*inputs, *states)
-    total = None if terms is None else _sums(terms(*inputs, *new), dtype)
+    total = None if terms is None else _sums(
+        terms(*inputs, *new, *old_terms(states)), dtype)
     return new, total
   shape = (states or inputs)[0].shape
   chunk = _even_chunk(size, chunk)
@@ -244,8 +254,8 @@ def _sliced(update, terms, inputs, states, chunk, carried, dtype):
     current = tuple(part(flat_st[k], start_of(i + 1)) for k in carried)
     if terms is None:
       return flat_st, current, acc
-    slice_terms = _rows(terms(*ins, *[part(x, start) for x in flat_st]),
-                        dtype)
+    slice_terms = _rows(terms(*ins, *[part(x, start) for x in flat_st],
+                              *old_terms(olds)), dtype)
     if ragged:
       slice_terms = jnp.where(fresh, slice_terms, 0)
     return flat_st, current, acc + slice_terms
@@ -257,7 +267,7 @@ def _sliced(update, terms, inputs, states, chunk, carried, dtype):
     # vary over the same mesh axes as the terms added to it (and `where`
     # keeps it zero whatever the terms: inf, nan).
     lead = [part(x, 0) for x in flat_in] + [part(x, 0) for x in flat_st]
-    lead_terms = _rows(terms(*lead), dtype)
+    lead_terms = _rows(terms(*lead, *old_terms(lead[len(flat_in):])), dtype)
     zero = jnp.where(jnp.zeros(lead_terms.shape, bool), lead_terms, 0)
   current = tuple(part(flat_st[k], 0) for k in carried)
   flat_st, _, acc = jax.lax.fori_loop(
