@@ -78,7 +78,7 @@ def run(
     sum_dtype: Any = jnp.float32,
     chunk_size: Optional[int] = None,
     carried: Sequence[int] = (),
-    terms_read_old: bool = False,
+    old_terms: Optional[Callable[..., Any]] = None,
     axis_name: Optional[str] = None,
 ) -> Result:
   """One pass over memory: every leaf of `inputs` and `states`, once.
@@ -90,9 +90,11 @@ def run(
   * ``terms(*inputs, *new_states, **s)`` returns K arrays of terms (a tuple,
     or one array with a leading axis of size K), each summed over every
     element of every leaf in `sum_dtype` and, with `axis_name`, over that
-    mapped axis; with `terms_read_old`, ``terms(*inputs, *new_states,
-    *states, **s)`` reads the old states too (a sum that belongs to the
-    step before, formed in this pass instead of a pass of its own);
+    mapped axis;
+  * ``old_terms(*inputs, *states, **s)`` returns J arrays of terms of the
+    old states, summed likewise after the K sums of `terms` (a sum that
+    belongs to the step before, formed in this pass instead of a pass of
+    its own over that step's states);
   * ``output(*inputs, *new_states, **s)`` returns an array, computed over
     whole arrays (never sliced) so that XLA fuses it into its consumer (the
     returned updates, into `optax.apply_updates`).
@@ -110,7 +112,8 @@ def run(
     chunk_size: None (whole arrays) or a slice length, from
       `resolve_chunk_size`.
     carried: indices into `states` whose old values `update` reads in
-      several places (see `_sliced`).
+      several places (see `_sliced`); none with `old_terms`.
+    old_terms: optional, see above.
     axis_name: mapped axis over which the parameters are split.
 
   Returns:
@@ -125,23 +128,24 @@ def run(
     for k in range(treedef.num_leaves):
       ins = tuple(x[k] for x in in_leaves)
       olds = tuple(x[k] for x in st_leaves)
-      if update is None and terms is None:
+      if update is None and terms is None and old_terms is None:
         new, total = olds, None
       else:
         new, total = _sliced(
-            (lambda *xs: update(*xs, **scalars)) if update else None,
-            (lambda *xs: terms(*xs, **scalars)) if terms else None,
-            ins, olds, chunk_size, carried, sum_dtype, terms_read_old,
+            *[(lambda *xs, fn=fn: fn(*xs, **scalars)) if fn else None
+              for fn in (update, terms, old_terms)],
+            ins, olds, chunk_size, carried, sum_dtype,
         )
       new_leaves.append(new)
       if total is not None:
         sums = total if sums is None else sums + total
       if output is not None:
         out_leaves.append(output(*ins, *new, **scalars))
-    if terms is not None and sums is None:  # No leaves: K sums of nothing.
-      empty = [jnp.zeros((0,), sum_dtype)] * (
-          len(inputs) + len(states) * (1 + terms_read_old))
-      sums = _sums(terms(*empty, **scalars), sum_dtype)
+    if sums is None and (terms or old_terms):  # No leaves: sums of nothing.
+      empty = [jnp.zeros((0,), sum_dtype)] * (len(inputs) + len(states))
+      sums = jnp.concatenate(
+          [_sums(fn(*empty, **scalars), sum_dtype)
+           for fn in (terms, old_terms) if fn is not None])
     if sums is not None and axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
   new_states = tuple(
@@ -181,12 +185,22 @@ def _even_chunk(size: int, chunk: int) -> int:
   return chunk
 
 
-def _sliced(update, terms, inputs, states, chunk, carried, dtype, read_old):
+def _after(index, limit, value):
+  """`index` (<= `limit`), as a value XLA cannot compute before `value`.
+
+  A write into a donated state must come after every read of the old
+  values it overwrites, or XLA keeps them with a copy of the whole state.
+  This data dependency orders it: min(index, limit + 0 or 1) is `index`.
+  """
+  return jnp.minimum(index, limit + jnp.isnan(value).astype(index.dtype))
+
+
+def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
   """One leaf's new states and summed terms, slice by slice.
 
   Over a leaf larger than `chunk` the pass runs in a loop: the new states
   are written over `states` in place and the slices' terms are added up
-  element by element in a slice-long accumulator, summed once at the end (a
+  element by element in slice-long accumulators, summed once at the end (a
   reduction inside the loop would be a kernel call per slice, whose fixed
   cost dominated SOAA's predicted-reduction sum).
 
@@ -197,24 +211,33 @@ def _sliced(update, terms, inputs, states, chunk, carried, dtype, read_old):
   states listed in `carried` reach `update` through the loop carry: each
   slice is read from the array after the write before it, so the update
   may read it in any number of fusions (arTuRO's λ and h both read the old
-  h). A carried state costs one more slice copy per iteration. Terms that
-  read the old states (`read_old`) read them from the carry: every state
-  is carried then.
+  h). A carried state costs a slice copy and a slice read per iteration.
+
+  With `old_terms` the writes are ordered instead (`_after`): the old
+  terms' reads of a slice first, then the states' writes from the last to
+  the first (a state's update may read the old slices of the states before
+  it: SOAA's v reads m's), then `terms`, reading the new slices back. No
+  state is carried, which keeps the loop body short: XLA:CPU runs a body of
+  up to 8 operations inline, and dispatches a longer one operation by
+  operation, at a cost per slice.
   """
-  if read_old:
-    carried = range(len(states))
-  old_terms = lambda olds: tuple(olds) if read_old else ()
+  if old_terms is not None and carried:
+    raise ValueError("`carried` states and `old_terms` do not mix.")
+
   def new_states(*xs):
     if update is None:
       return ()
     return tuple(n.astype(x.dtype) for n, x in zip(update(*xs), states))
 
+  def sums_of(ins, news, olds, reduce):
+    return [reduce(fn(*ins, *xs)) for fn, xs in
+            ((terms, news), (old_terms, olds)) if fn is not None]
+
   size = (states or inputs)[0].size
   if chunk is None or size <= chunk:
     new = new_states(*inputs, *states)
-    total = None if terms is None else _sums(
-        terms(*inputs, *new, *old_terms(states)), dtype)
-    return new, total
+    sums = sums_of(inputs, new, states, lambda t: _sums(t, dtype))
+    return new, (jnp.concatenate(sums) if sums else None)
   shape = (states or inputs)[0].shape
   chunk = _even_chunk(size, chunk)
   flat_in = [x.reshape(-1) for x in inputs]
@@ -230,47 +253,64 @@ def _sliced(update, terms, inputs, states, chunk, carried, dtype, read_old):
   def start_of(i):
     return jnp.minimum(i * chunk, size - chunk) if ragged else i * chunk
 
-  def part(x, start):
-    return jax.lax.dynamic_slice_in_dim(x, start, chunk)
+  # Indices are never negative: no wrap-around (one operation less).
+  def part(x, start, length=chunk):
+    return jax.lax.dynamic_slice(x, (start,), (length,),
+                                 allow_negative_indices=False)
+
+  def write(x, new, start):
+    return jax.lax.dynamic_update_slice(x, new, (start,),
+                                        allow_negative_indices=False)
 
   carried = tuple(carried)
+  ordered = old_terms is not None
 
   def body(i, carry):
-    flat_st, current, acc = carry
+    flat_st, current, accs = carry
     start = start_of(i)
+    fresh = start + jax.lax.iota(jnp.int32, chunk) >= i * chunk
+    mask = lambda rows: jnp.where(fresh, rows, 0) if ragged else rows
     ins = [part(x, start) for x in flat_in]
     olds = [part(x, start) for x in flat_st]
     for k, c in zip(carried, current):
       olds[k] = c
-    new = new_states(*ins, *olds)
-    if ragged:
-      fresh = start + jax.lax.iota(jnp.int32, chunk) >= i * chunk
-      new = tuple(jnp.where(fresh, n, c) for n, c in zip(new, olds))
-    flat_st = tuple(
-        jax.lax.dynamic_update_slice_in_dim(x, n, start, 0)
-        for x, n in zip(flat_st, new)
-    )
+    accs = list(accs)
+    if ordered:
+      accs[-1] = accs[-1] + mask(_rows(old_terms(*ins, *olds), dtype))
+      last_read = accs[-1][0, 0]
+      written = list(flat_st)
+      for k in reversed(range(len(flat_st))):
+        # The update reads the slice where it writes, at the same (ordered)
+        # index, so that XLA fuses it into the in-place write.
+        at = _after(start, size - chunk, last_read)
+        olds_at = [part(x, at) for x in flat_st]
+        new_k = new_states(*ins, *olds_at)[k]
+        if ragged:
+          new_k = jnp.where(fresh, new_k, olds_at[k])
+        written[k] = write(written[k], new_k, at)
+        last_read = part(written[k], start, 1)[0]
+      flat_st = written
+    else:
+      new = new_states(*ins, *olds)
+      if ragged:
+        new = tuple(jnp.where(fresh, n, c) for n, c in zip(new, olds))
+      flat_st = [write(x, n, start) for x, n in zip(flat_st, new)]
     # The next slices, read after this one's write (see the docstring).
     current = tuple(part(flat_st[k], start_of(i + 1)) for k in carried)
-    if terms is None:
-      return flat_st, current, acc
-    slice_terms = _rows(terms(*ins, *[part(x, start) for x in flat_st],
-                              *old_terms(olds)), dtype)
-    if ragged:
-      slice_terms = jnp.where(fresh, slice_terms, 0)
-    return flat_st, current, acc + slice_terms
+    if terms is not None:
+      news = [part(x, start) for x in flat_st]
+      accs[0] = accs[0] + mask(_rows(terms(*ins, *news), dtype))
+    return tuple(flat_st), current, tuple(accs)
 
-  if terms is None:
-    zero = jnp.zeros([])
-  else:
-    # A zero derived from the terms, not jnp.zeros: under shard_map it must
-    # vary over the same mesh axes as the terms added to it (and `where`
-    # keeps it zero whatever the terms: inf, nan).
-    lead = [part(x, 0) for x in flat_in] + [part(x, 0) for x in flat_st]
-    lead_terms = _rows(terms(*lead, *old_terms(lead[len(flat_in):])), dtype)
-    zero = jnp.where(jnp.zeros(lead_terms.shape, bool), lead_terms, 0)
+  # Zeros derived from the terms, not jnp.zeros: under shard_map they must
+  # vary over the same mesh axes as the terms added to them (and `where`
+  # keeps them zero whatever the terms: inf, nan).
+  lead = [part(x, 0) for x in flat_in], [part(x, 0) for x in flat_st]
+  zeros = tuple(sums_of(*lead, lead[1], lambda t: (
+      lambda r: jnp.where(jnp.zeros(r.shape, bool), r, 0))(_rows(t, dtype))))
   current = tuple(part(flat_st[k], 0) for k in carried)
-  flat_st, _, acc = jax.lax.fori_loop(
-      0, num_chunks, body, (flat_st, current, zero))
-  total = None if terms is None else jnp.sum(acc, axis=-1)
-  return tuple(x.reshape(shape) for x in flat_st), total
+  flat_st, _, accs = jax.lax.fori_loop(
+      0, num_chunks, body, (flat_st, current, zeros))
+  sums = [jnp.sum(a, axis=-1) for a in accs]
+  return (tuple(x.reshape(shape) for x in flat_st),
+          jnp.concatenate(sums) if sums else None)

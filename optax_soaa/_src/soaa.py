@@ -94,19 +94,21 @@ def _moments(g, m, s, *v, b1, b2, bc1, first, **_):
   return m, s, b2 * v[0] + (1 - b2) * utils.abs_sq(deviation)
 
 
-def _moment_sums(g, *moments, curvature, last_step, **_):
-  """Pass 1's sums: Σ |m|² and Σ v (Σ s when v̂ = ŝ), the sums of r,
-  unscaled, from the new moments; and the predicted-reduction sum of the
-  last step, from the old moments (the ones its direction read)."""
+def _moment_sums(g, m, s, *v, curvature, **_):
+  """Σ |m|² and Σ v (Σ s when v̂ = ŝ): the sums of r, unscaled."""
   del g
-  half = len(moments) // 2
-  (m, s, *v), (old_m, old_s, *old_v) = moments[:half], moments[half:]
-  old_curvature = {"variance": old_v, "second_moment": [old_s], "none": []}
-  reduction = _predicted_reduction_terms(
-      old_m, old_s, *old_curvature[curvature], **last_step)
   if curvature == "none":
-    return (utils.abs_sq(m),) + reduction
-  return (utils.abs_sq(m), v[0] if v else s) + reduction
+    return (utils.abs_sq(m),)
+  return utils.abs_sq(m), (v[0] if v else s)
+
+
+def _last_reduction_terms(g, m, s, *v, curvature, last_step, **_):
+  """The terms of the last step's predicted reduction, from the moments
+  before this update (those its direction read) and its scalars."""
+  del g
+  curvature_state = {"variance": v, "second_moment": (s,), "none": ()}
+  return _predicted_reduction_terms(m, s, *curvature_state[curvature],
+                                    **last_step)
 
 
 def _direction(m, s, *v, inv_bc1, inv_bc2, dt, eps, fisher_scale, **_):
@@ -308,8 +310,9 @@ def scale_by_soaa(
         "soaa/moments", (updates,), old,
         dict(b1=b1, b2=b2, bc1=bc1, first=count_inc == 1,
              curvature=curvature, last_step=last_step),
-        update=_moments, terms=_moment_sums, sum_dtype=sdtype,
-        chunk_size=chunk, terms_read_old=True, axis_name=axis_name,
+        update=_moments, terms=_moment_sums,
+        old_terms=_last_reduction_terms, sum_dtype=sdtype, chunk_size=chunk,
+        axis_name=axis_name,
     )
     mu, nu = moments.states[:2]
     curv = moments.states[2] if use_variance else None
