@@ -265,8 +265,8 @@ def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
   carried = tuple(carried)
   ordered = old_terms is not None
 
-  def body(i, carry):
-    flat_st, current, accs = carry
+  def body(carry):
+    i, flat_st, current, accs = carry
     start = start_of(i)
     fresh = start + jax.lax.iota(jnp.int32, chunk) >= i * chunk
     mask = lambda rows: jnp.where(fresh, rows, 0) if ragged else rows
@@ -300,7 +300,11 @@ def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
     if terms is not None:
       news = [part(x, start) for x in flat_st]
       accs[0] = accs[0] + mask(_rows(terms(*ins, *news), dtype))
-    return tuple(flat_st), current, tuple(accs)
+      last_read = accs[0][0, 0]
+    # Ordered: the next index after every use of this one (i + 1, as
+    # `_after` makes it), so that it takes i's place without a copy of i.
+    i = _after(i + 1, num_chunks, last_read) if ordered else i + 1
+    return i, tuple(flat_st), current, tuple(accs)
 
   # Zeros derived from the terms, not jnp.zeros: under shard_map they must
   # vary over the same mesh axes as the terms added to them (and `where`
@@ -309,8 +313,9 @@ def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
   zeros = tuple(sums_of(*lead, lead[1], lambda t: (
       lambda r: jnp.where(jnp.zeros(r.shape, bool), r, 0))(_rows(t, dtype))))
   current = tuple(part(flat_st[k], 0) for k in carried)
-  flat_st, _, accs = jax.lax.fori_loop(
-      0, num_chunks, body, (flat_st, current, zeros))
+  _, flat_st, _, accs = jax.lax.while_loop(
+      lambda carry: carry[0] < num_chunks, body,
+      (jnp.int32(0), flat_st, current, zeros))
   sums = [jnp.sum(a, axis=-1) for a in accs]
   return (tuple(x.reshape(shape) for x in flat_st),
           jnp.concatenate(sums) if sums else None)
