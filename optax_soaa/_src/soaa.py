@@ -209,10 +209,13 @@ def scale_by_soaa(
     curvature: ``"second_moment"`` (``v̂ = ŝ``, Adam's memory; default),
       ``"variance"`` (centred variance, 1.5x Adam's state) or ``"none"``
       (``v̂ = 0``: the paper's algorithm read literally). See :func:`soaa`.
-    mu_dtype: optional dtype of the first moment.
+    mu_dtype: optional dtype of the first moment (the params' if None). A
+      complex one is honoured for real params too (its imaginary part stays
+      0); a real one for complex params raises ``TypeError``.
     nu_dtype: optional dtype of the second moment and of the curvature
       (e.g. float32 state for bfloat16 params); the params' dtype if None
-      (its real counterpart for complex params).
+      (its real counterpart for complex params). They hold ``|g|²``: a
+      complex dtype raises ``TypeError``.
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are *split*; the global sums are then ``psum``-ed over it.
       Leave ``None`` for replicated data parallelism and for sharded ``jit``.
@@ -468,6 +471,14 @@ def soaa(
     would amplify.
   * ``dt``, ``pr`` and ``loss_avg`` are global scalars (one loss per model).
     At ``t = 1``, ``l̂ = l`` exactly and ``pr = 0``, so ``dt = 1``.
+  * ``pr`` of step ``t`` is first needed at step ``t+1`` (by its ``dt``),
+    and is formed there, from the moments step ``t``'s direction read and
+    that step's scalars (kept in the state as ``pending_*``): the numbers
+    are the equations' above, and a step reads its memory twice instead of
+    three times. The state's ``predicted_reduction`` is therefore one
+    update behind: after update ``t`` it holds the ``pr`` of the last step
+    before ``t`` that had a finite loss (the one update ``t``'s
+    ``trust_ratio`` divided by), 0 after the first update.
   * Without ``value``, or with a non-finite one, ``dt``, ``pr`` and
     ``loss_avg`` keep their values (a non-finite loss is counted in
     ``skipped_values``). Moments still update. The bias correction of the loss
@@ -534,8 +545,10 @@ def soaa(
       scalars), ``"variance"`` (1.5x Adam's state) or ``"none"`` (the
       literal reading, ``v̂ = 0``; Adam's state). Static: it chooses the
       state's structure.
-    mu_dtype: optional dtype of the first moment.
-    nu_dtype: optional dtype of the second moment and curvature.
+    mu_dtype: optional dtype of the first moment; see
+      :func:`scale_by_soaa`.
+    nu_dtype: optional dtype of the second moment and curvature (real);
+      see :func:`scale_by_soaa`.
     weight_decay_mask: optional mask (or function of params) for the decay.
     axis_name: see :func:`scale_by_soaa`.
     chunk_size: see :func:`scale_by_soaa`.
