@@ -207,6 +207,17 @@ def test_copy_check_fires_on_a_step_that_copies():
                        16384) == []
 
 
+@pytest.mark.parametrize("curvature", ["variance", "second_moment"])
+def test_donated_whole_array_step_writes_state_in_place(curvature):
+  # Whole arrays (GPU, TPU): the moments pass sums the last step's predicted
+  # reduction from the old moments, which the pass then overwrites; the
+  # updates must wait for that sum, not copy the moments.
+  opt = optax_soaa.soaa(1e-3, total_steps=100, chunk_size=None,
+                        curvature=curvature)
+  compiled = _compiled_step(opt, _PARAMS, {"value": jnp.float32(1.0)})
+  assert _large_copies(compiled, 16384) == []
+
+
 @pytest.mark.parametrize(
     "name", ["arturo", "soaa-variance", "soaa-second_moment", "soaa-none"])
 def test_donated_step_writes_state_in_place(name):

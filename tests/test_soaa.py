@@ -58,6 +58,10 @@ REFERENCE_CASES = {
                  schedule=False),
     "none_decay_schedule": dict(curvature="none", with_value=True,
                                 weight_decay=0.05, schedule=True),
+    # A loss on two steps of three: the predicted reduction of a step with
+    # a loss is formed in the next update, with or without its own loss.
+    "some_values": dict(curvature="variance", with_value=True,
+                        weight_decay=0.0, schedule=False, skip_value=3),
 }
 
 
@@ -82,18 +86,21 @@ def test_matches_numpy_reference(case, chunk_size, x64):
   lr_fn = lr if callable(lr) else (lambda count: lr)
   update = jax.jit(opt.update)
   dts = []
-  for _ in range(40):
+  for step in range(40):
     value, np_grads = _loss_and_grad_np(np_params)
     grads = jax.tree.unflatten(treedef, [jnp.asarray(g) for g in np_grads])
     params = jax.tree.unflatten(treedef, [jnp.asarray(p) for p in np_params])
-    kwargs = {"value": jnp.asarray(value)} if cfg["with_value"] else {}
+    if cfg.get("skip_value") and step % cfg["skip_value"] == 1:
+      value = None
+    with_value = cfg["with_value"] and value is not None
+    kwargs = {"value": jnp.asarray(value)} if with_value else {}
     updates, state = update(grads, state, params, **kwargs)
     # The library forms a step's predicted reduction in the next update:
     # after update t it holds the reference's pr after step t - 1.
     ref_pr = ref_state.pr
     ref_updates, ref_state = ref.step(
         ref_state, np_grads, np_params,
-        value if cfg["with_value"] else None, lr_fn=lr_fn, **hp)
+        value if with_value else None, lr_fn=lr_fn, **hp)
     close = functools.partial(chex.assert_trees_all_close, rtol=RTOL, atol=0)
     close(jax.tree.leaves(updates), ref_updates)
     soaa_state = state[0]

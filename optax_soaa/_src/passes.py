@@ -235,9 +235,23 @@ def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
 
   size = (states or inputs)[0].size
   if chunk is None or size <= chunk:
-    new = new_states(*inputs, *states)
-    sums = sums_of(inputs, new, states, lambda t: _sums(t, dtype))
-    return new, (jnp.concatenate(sums) if sums else None)
+    if old_terms is None:
+      new = new_states(*inputs, *states)
+      sums = sums_of(inputs, new, states, lambda t: _sums(t, dtype))
+      return new, (jnp.concatenate(sums) if sums else None)
+    # The old terms' reads before the in-place updates: the updates read
+    # the inputs through a select on a flag XLA cannot know before the old
+    # sums (always true), else it copies the states to keep their old
+    # values for the sums.
+    old = _sums(old_terms(*inputs, *states), dtype)
+    ready = _after(jnp.int32(0), 0, old[0]) == 0
+    guard = lambda xs: [jnp.where(ready, x, jnp.zeros_like(x)) for x in xs]
+    if inputs:
+      new = new_states(*guard(inputs), *states)
+    else:
+      new = new_states(*guard(states))
+    sums = [_sums(terms(*inputs, *new), dtype)] if terms is not None else []
+    return new, jnp.concatenate(sums + [old])
   shape = (states or inputs)[0].shape
   chunk = _even_chunk(size, chunk)
   flat_in = [x.reshape(-1) for x in inputs]
