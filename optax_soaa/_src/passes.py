@@ -327,9 +327,12 @@ def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
   zeros = tuple(sums_of(*lead, lead[1], lambda t: (
       lambda r: jnp.where(jnp.zeros(r.shape, bool), r, 0))(_rows(t, dtype))))
   current = tuple(part(flat_st[k], 0) for k in carried)
+  # The index of an ordered loop depends on the terms (`_after`): under
+  # shard_map it varies over their mesh axes from the start, as they do.
+  first = _after(jnp.int32(0), 0, zeros[-1][0, 0]) if ordered else 0
   _, flat_st, _, accs = jax.lax.while_loop(
       lambda carry: carry[0] < num_chunks, body,
-      (jnp.int32(0), flat_st, current, zeros))
+      (jnp.asarray(first, jnp.int32), flat_st, current, zeros))
   sums = [jnp.sum(a, axis=-1) for a in accs]
   return (tuple(x.reshape(shape) for x in flat_st),
           jnp.concatenate(sums) if sums else None)
