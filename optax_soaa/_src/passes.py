@@ -195,6 +195,16 @@ def _after(index, limit, value):
   return jnp.minimum(index, limit + jnp.isnan(value).astype(index.dtype))
 
 
+def _one_value(x):
+  """A scalar XLA can only have once `x` is computed: its first element,
+  or, for an array sharded over explicit mesh axes (where a slice of one
+  element is not defined), its sum."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
+  if any(axes is not None for axes in spec):
+    return jnp.sum(x)
+  return jnp.ravel(x)[0]
+
+
 def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
   """One leaf's new states and summed terms, slice by slice.
 
@@ -291,7 +301,7 @@ def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
     accs = list(accs)
     if ordered:
       accs[-1] = accs[-1] + mask(_rows(old_terms(*ins, *olds), dtype))
-      last_read = accs[-1][0, 0]
+      last_read = _one_value(accs[-1])
       written = list(flat_st)
       for k in reversed(range(len(flat_st))):
         # The update reads the slice where it writes, at the same (ordered)
@@ -302,7 +312,7 @@ def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
         if ragged:
           new_k = jnp.where(fresh, new_k, olds_at[k])
         written[k] = write(written[k], new_k, at)
-        last_read = part(written[k], start, 1)[0]
+        last_read = _one_value(part(written[k], start))
       flat_st = written
     else:
       new = new_states(*ins, *olds)
@@ -314,7 +324,7 @@ def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
     if terms is not None:
       news = [part(x, start) for x in flat_st]
       accs[0] = accs[0] + mask(_rows(terms(*ins, *news), dtype))
-      last_read = accs[0][0, 0]
+      last_read = _one_value(accs[0])
     # Ordered: the next index after every use of this one (i + 1, as
     # `_after` makes it), so that it takes i's place without a copy of i.
     i = _after(i + 1, num_chunks, last_read) if ordered else i + 1
@@ -329,7 +339,7 @@ def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
   current = tuple(part(flat_st[k], 0) for k in carried)
   # The index of an ordered loop depends on the terms (`_after`): under
   # shard_map it varies over their mesh axes from the start, as they do.
-  first = _after(jnp.int32(0), 0, zeros[-1][0, 0]) if ordered else 0
+  first = _after(jnp.int32(0), 0, _one_value(zeros[-1])) if ordered else 0
   _, flat_st, _, accs = jax.lax.while_loop(
       lambda carry: carry[0] < num_chunks, body,
       (jnp.asarray(first, jnp.int32), flat_st, current, zeros))
