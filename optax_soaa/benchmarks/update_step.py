@@ -8,10 +8,10 @@ as training loops run it. Each optimizer is timed interleaved with Adam in one
 process (pairs of runs, alternating order); the reported ratios (wall-clock
 time and the process's CPU time) are medians over pairs, which cancel slow
 drifts of the machine. State memory is the bytes of the optimizer state pytree
-relative to Adam's. Bytes accessed is XLA's cost analysis of the step in the
-layout the row runs, beside the floor of each algorithm, and the longest loop
-body is the most operations one slice of a sliced pass runs (the report's
-notes say how each is counted).
+relative to Adam's. Bytes accessed is XLA's cost analysis of the whole-array
+step, beside the floor of each algorithm, and the longest loop body is the
+most operations one slice of a sliced pass runs (the report's notes say how
+each is counted).
 """
 
 import argparse
