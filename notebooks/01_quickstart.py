@@ -214,8 +214,10 @@ for name in DIAGNOSTICS:
 #   `[1, 2]` at the first step, narrowing to `[0.9, 1.1]` at step `T`
 #   (`gamma = 0.1`). Above 1 the quadratic model has been predicting the loss
 #   well and steps get longer than Adam's; below 1, shorter.
-# * **`predicted_reduction`**: how much the quadratic model predicted the last
-#   step would lower the loss (in loss units, so comparable with the loss).
+# * **`predicted_reduction`**: how much the quadratic model predicted the step
+#   before the last would lower the loss (in loss units, so comparable with
+#   the loss). It is formed one update late, in the next update's first pass:
+#   it is the reduction the last `trust_ratio` divided by.
 # * **`trust_ratio`**: observed over predicted reduction, where "observed" is
 #   the running-average loss minus the current loss. Near 1: the model is
 #   trustworthy; much below 1 (or negative): it over-promised.

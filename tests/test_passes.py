@@ -65,6 +65,49 @@ def test_slices_match_whole_arrays(size, chunk, carried):
   np.testing.assert_allclose(want.sums[0], total, rtol=1e-5)
 
 
+def _ordered_update(g, a, b, *, decay, **_):
+  # b's update reads a's old value (the states before it, as SOAA's v reads
+  # m): the order of the writes matters.
+  return a * decay + g, b * decay + a * g
+
+
+def _old_terms(g, a, b, *, shift, **_):
+  return (a * b + shift,)
+
+
+@pytest.mark.parametrize("size,chunk", [(60, 12), (61, 12), (7, 12)])
+def test_old_terms_read_the_states_before_the_update(size, chunk):
+  rng = np.random.default_rng(size)
+  tree = lambda: {"x": jnp.asarray(rng.normal(size=(size,)), jnp.float32),
+                  "y": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+  g, states = tree(), (tree(), tree())
+  scalars = dict(decay=jnp.float32(0.9), shift=jnp.float32(0.25))
+
+  def run(chunk_size):
+    return jax.jit(lambda g, states: passes.run(
+        "test", (g,), states, scalars, update=_ordered_update,
+        terms=lambda g, a, b, **_: (a - b, g * a), old_terms=_old_terms,
+        chunk_size=chunk_size))(g, states)
+
+  want, got = run(None), run(chunk)
+  chex.assert_shape(got.sums, (3,))
+  chex.assert_trees_all_close(got.states, want.states, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(got.sums, want.sums, rtol=1e-5, atol=1e-5)
+  new = jax.tree.map(lambda *xs: _ordered_update(*xs, **scalars), g, *states)
+  new = jax.tree.transpose(jax.tree.structure(g),
+                           jax.tree.structure((0, 0)), new)
+  chex.assert_trees_all_close(want.states, new, rtol=1e-6, atol=1e-6)
+  leaves = lambda t: jax.tree.leaves(t)
+  old_total = sum(jnp.sum(a * b + 0.25) for a, b in zip(
+      leaves(states[0]), leaves(states[1])))
+  new_total = sum(jnp.sum(x * y) for x, y in zip(leaves(g), leaves(new[0])))
+  np.testing.assert_allclose(got.sums[2], old_total, rtol=1e-5)
+  np.testing.assert_allclose(got.sums[1], new_total, rtol=1e-5)
+  with pytest.raises(ValueError, match="carried"):
+    passes.run("test", (g,), states, scalars, update=_ordered_update,
+               old_terms=_old_terms, chunk_size=chunk, carried=(0,))
+
+
 @pytest.mark.parametrize("option, want", [
     ("auto", passes.CPU_CHUNK_SIZE), (None, None), (100, 100)])
 def test_auto_slices_on_a_single_cpu_device(option, want):
@@ -162,6 +205,17 @@ def test_copy_check_fires_on_a_step_that_copies():
   assert copies, "the check missed the copy of a donated state"
   assert _large_copies(_compiled_step(optax.adam(1e-3), _PARAMS, {}),
                        16384) == []
+
+
+@pytest.mark.parametrize("curvature", ["variance", "second_moment"])
+def test_donated_whole_array_step_writes_state_in_place(curvature):
+  # Whole arrays (GPU, TPU): the moments pass sums the last step's predicted
+  # reduction from the old moments, which the pass then overwrites; the
+  # updates must wait for that sum, not copy the moments.
+  opt = optax_soaa.soaa(1e-3, total_steps=100, chunk_size=None,
+                        curvature=curvature)
+  compiled = _compiled_step(opt, _PARAMS, {"value": jnp.float32(1.0)})
+  assert _large_copies(compiled, 16384) == []
 
 
 @pytest.mark.parametrize(

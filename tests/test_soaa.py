@@ -58,6 +58,10 @@ REFERENCE_CASES = {
                  schedule=False),
     "none_decay_schedule": dict(curvature="none", with_value=True,
                                 weight_decay=0.05, schedule=True),
+    # A loss on two steps of three: the predicted reduction of a step with
+    # a loss is formed in the next update, with or without its own loss.
+    "some_values": dict(curvature="variance", with_value=True,
+                        weight_decay=0.0, schedule=False, skip_value=3),
 }
 
 
@@ -82,15 +86,21 @@ def test_matches_numpy_reference(case, chunk_size, x64):
   lr_fn = lr if callable(lr) else (lambda count: lr)
   update = jax.jit(opt.update)
   dts = []
-  for _ in range(40):
+  for step in range(40):
     value, np_grads = _loss_and_grad_np(np_params)
     grads = jax.tree.unflatten(treedef, [jnp.asarray(g) for g in np_grads])
     params = jax.tree.unflatten(treedef, [jnp.asarray(p) for p in np_params])
-    kwargs = {"value": jnp.asarray(value)} if cfg["with_value"] else {}
+    if cfg.get("skip_value") and step % cfg["skip_value"] == 1:
+      value = None
+    with_value = cfg["with_value"] and value is not None
+    kwargs = {"value": jnp.asarray(value)} if with_value else {}
     updates, state = update(grads, state, params, **kwargs)
+    # The library forms a step's predicted reduction in the next update:
+    # after update t it holds the reference's pr after step t - 1.
+    ref_pr = ref_state.pr
     ref_updates, ref_state = ref.step(
         ref_state, np_grads, np_params,
-        value if cfg["with_value"] else None, lr_fn=lr_fn, **hp)
+        value if with_value else None, lr_fn=lr_fn, **hp)
     close = functools.partial(chex.assert_trees_all_close, rtol=RTOL, atol=0)
     close(jax.tree.leaves(updates), ref_updates)
     soaa_state = state[0]
@@ -105,7 +115,7 @@ def test_matches_numpy_reference(case, chunk_size, x64):
       assert soaa_state.curvature is None
     for name, ref_value in [
         ("dt", ref_state.dt), ("loss_avg", ref_state.loss_avg),
-        ("predicted_reduction", ref_state.pr),
+        ("predicted_reduction", ref_pr),
         ("trust_ratio", ref_state.trust_ratio),
         ("fisher_ratio", ref_state.fisher_ratio)]:
       np.testing.assert_allclose(
@@ -156,10 +166,16 @@ def test_non_finite_value_keeps_trust_region_state():
   state = opt.init(params)
   for v in [2.0, 1.5, 1.2]:
     _, state = update(params, state, params, value=v)
-  for bad in [jnp.nan, jnp.inf, -jnp.inf]:
+  assert bool(state.pending_reduction)
+  for i, bad in enumerate([jnp.nan, jnp.inf, -jnp.inf]):
     _, new_state = update(params, state, params, value=bad)
-    for name in ["dt", "loss_avg", "predicted_reduction", "trust_ratio"]:
+    for name in ["dt", "loss_avg", "trust_ratio"]:
       assert float(getattr(new_state, name)) == float(getattr(state, name))
+    # The first update after the last finite loss forms that step's
+    # predicted reduction; a step without a finite loss leaves none to form.
+    assert not bool(new_state.pending_reduction)
+    pr, old_pr = new_state.predicted_reduction, state.predicted_reduction
+    assert (float(pr) != float(old_pr)) == (i == 0)
     assert int(new_state.skipped_values) == int(state.skipped_values) + 1
     # Moments still advance.
     assert int(new_state.count) == int(state.count) + 1
@@ -233,7 +249,9 @@ def test_jit_matches_no_jit(curvature):
                         weight_decay=0.01)
   jitted = _run(opt, _params(), num_steps=3, jit=True)
   eager = _run(opt, _params(), num_steps=3, jit=False)
-  chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-7)
+  # float32 rounding (fused or not), which dt's feedback on the predicted
+  # reduction amplifies to about 2e-5 in a few steps.
+  chex.assert_trees_all_close(jitted, eager, rtol=5e-5, atol=1e-7)
 
 
 def test_no_recompilation():
@@ -429,7 +447,9 @@ def test_chunked_sum_equals_single_sum():
   kw = dict(total_steps=20)
   chunked = _run(optax_soaa.soaa(0.05, chunk_size=64, **kw), params)
   single = _run(optax_soaa.soaa(0.05, chunk_size=None, **kw), params)
-  chex.assert_trees_all_close(chunked, single, rtol=1e-5, atol=1e-8)
+  # Summation order and fusion differ; dt's feedback amplifies the float32
+  # rounding to about 2e-5.
+  chex.assert_trees_all_close(chunked, single, rtol=5e-5, atol=1e-8)
 
 
 def test_reduction_chunk_size_is_a_deprecated_name_of_chunk_size():

@@ -65,7 +65,7 @@ class ArturoState(NamedTuple):
 
 
 # See `levels_per_pass` in `scale_by_arturo`'s docstring.
-_DEFAULT_LEVELS_PER_PASS = 2
+_DEFAULT_LEVELS_PER_PASS = 3
 
 
 def _stats_dtype(leaf: Any) -> jnp.dtype:
@@ -574,10 +574,12 @@ def arturo(
     max_eta: upper end of the η bracket, > 0 (1e4 in the reference).
     clip_curvature: opt-in guard, see above.
     levels_per_pass: bisection steps decided per evaluation of the KL sums
-      (a positive int; ``None``: 2). Each evaluation computes the KL at the
+      (a positive int; ``None``: 3). Each evaluation computes the KL at the
       2^L - 1 midpoints the next L bisection steps can visit, then replays
       the bisection's decisions on them: the same η bit for bit, fewer
-      passes over memory, more arithmetic per pass. Under
+      passes over memory, more arithmetic per pass. The first evaluation
+      is part of the filter's pass, so a step whose bisection takes at most
+      L steps reads its memory no more than twice. Under
       ``optax.inject_hyperparams`` an int here must be a static arg.
     chunk_size: how the passes over memory are laid out; the numbers do not
       depend on it beyond summation order. ``"auto"`` (default): slices of

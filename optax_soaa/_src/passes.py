@@ -78,6 +78,7 @@ def run(
     sum_dtype: Any = jnp.float32,
     chunk_size: Optional[int] = None,
     carried: Sequence[int] = (),
+    old_terms: Optional[Callable[..., Any]] = None,
     axis_name: Optional[str] = None,
 ) -> Result:
   """One pass over memory: every leaf of `inputs` and `states`, once.
@@ -90,6 +91,10 @@ def run(
     or one array with a leading axis of size K), each summed over every
     element of every leaf in `sum_dtype` and, with `axis_name`, over that
     mapped axis;
+  * ``old_terms(*inputs, *states, **s)`` returns J arrays of terms of the
+    old states, summed likewise after the K sums of `terms` (a sum that
+    belongs to the step before, formed in this pass instead of a pass of
+    its own over that step's states);
   * ``output(*inputs, *new_states, **s)`` returns an array, computed over
     whole arrays (never sliced) so that XLA fuses it into its consumer (the
     returned updates, into `optax.apply_updates`).
@@ -107,7 +112,8 @@ def run(
     chunk_size: None (whole arrays) or a slice length, from
       `resolve_chunk_size`.
     carried: indices into `states` whose old values `update` reads in
-      several places (see `_sliced`).
+      several places (see `_sliced`); none with `old_terms`.
+    old_terms: optional, see above.
     axis_name: mapped axis over which the parameters are split.
 
   Returns:
@@ -122,12 +128,12 @@ def run(
     for k in range(treedef.num_leaves):
       ins = tuple(x[k] for x in in_leaves)
       olds = tuple(x[k] for x in st_leaves)
-      if update is None and terms is None:
+      if update is None and terms is None and old_terms is None:
         new, total = olds, None
       else:
         new, total = _sliced(
-            (lambda *xs: update(*xs, **scalars)) if update else None,
-            (lambda *xs: terms(*xs, **scalars)) if terms else None,
+            *[(lambda *xs, fn=fn: fn(*xs, **scalars)) if fn else None
+              for fn in (update, terms, old_terms)],
             ins, olds, chunk_size, carried, sum_dtype,
         )
       new_leaves.append(new)
@@ -135,9 +141,11 @@ def run(
         sums = total if sums is None else sums + total
       if output is not None:
         out_leaves.append(output(*ins, *new, **scalars))
-    if terms is not None and sums is None:  # No leaves: K sums of nothing.
+    if sums is None and (terms or old_terms):  # No leaves: sums of nothing.
       empty = [jnp.zeros((0,), sum_dtype)] * (len(inputs) + len(states))
-      sums = _sums(terms(*empty, **scalars), sum_dtype)
+      sums = jnp.concatenate(
+          [_sums(fn(*empty, **scalars), sum_dtype)
+           for fn in (terms, old_terms) if fn is not None])
     if sums is not None and axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
   new_states = tuple(
@@ -177,12 +185,32 @@ def _even_chunk(size: int, chunk: int) -> int:
   return chunk
 
 
-def _sliced(update, terms, inputs, states, chunk, carried, dtype):
+def _after(index, limit, value):
+  """`index` (<= `limit`), as a value XLA cannot compute before `value`.
+
+  A write into a donated state must come after every read of the old
+  values it overwrites, or XLA keeps them with a copy of the whole state.
+  This data dependency orders it: min(index, limit + 0 or 1) is `index`.
+  """
+  return jnp.minimum(index, limit + jnp.isnan(value).astype(index.dtype))
+
+
+def _one_value(x):
+  """A scalar XLA can only have once `x` is computed: its first element,
+  or, for an array sharded over explicit mesh axes (where a slice of one
+  element is not defined), its sum."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
+  if any(axes is not None for axes in spec):
+    return jnp.sum(x)
+  return jnp.ravel(x)[0]
+
+
+def _sliced(update, terms, old_terms, inputs, states, chunk, carried, dtype):
   """One leaf's new states and summed terms, slice by slice.
 
   Over a leaf larger than `chunk` the pass runs in a loop: the new states
   are written over `states` in place and the slices' terms are added up
-  element by element in a slice-long accumulator, summed once at the end (a
+  element by element in slice-long accumulators, summed once at the end (a
   reduction inside the loop would be a kernel call per slice, whose fixed
   cost dominated SOAA's predicted-reduction sum).
 
@@ -193,18 +221,47 @@ def _sliced(update, terms, inputs, states, chunk, carried, dtype):
   states listed in `carried` reach `update` through the loop carry: each
   slice is read from the array after the write before it, so the update
   may read it in any number of fusions (arTuRO's λ and h both read the old
-  h). A carried state costs one more slice copy per iteration.
+  h). A carried state costs a slice copy and a slice read per iteration.
+
+  With `old_terms` the writes are ordered instead (`_after`): the old
+  terms' reads of a slice first, then the states' writes from the last to
+  the first (a state's update may read the old slices of the states before
+  it: SOAA's v reads m's), then `terms`, reading the new slices back. No
+  state is carried, which keeps the loop body short: XLA:CPU runs a body of
+  up to 8 operations inline, and dispatches a longer one operation by
+  operation, at a cost per slice.
   """
+  if old_terms is not None and carried:
+    raise ValueError("`carried` states and `old_terms` do not mix.")
+
   def new_states(*xs):
     if update is None:
       return ()
     return tuple(n.astype(x.dtype) for n, x in zip(update(*xs), states))
 
+  def sums_of(ins, news, olds, reduce):
+    return [reduce(fn(*ins, *xs)) for fn, xs in
+            ((terms, news), (old_terms, olds)) if fn is not None]
+
   size = (states or inputs)[0].size
   if chunk is None or size <= chunk:
-    new = new_states(*inputs, *states)
-    total = None if terms is None else _sums(terms(*inputs, *new), dtype)
-    return new, total
+    if old_terms is None:
+      new = new_states(*inputs, *states)
+      sums = sums_of(inputs, new, states, lambda t: _sums(t, dtype))
+      return new, (jnp.concatenate(sums) if sums else None)
+    # The old terms' reads before the in-place updates: the updates read
+    # the inputs through a select on a flag XLA cannot know before the old
+    # sums (always true), else it copies the states to keep their old
+    # values for the sums.
+    old = _sums(old_terms(*inputs, *states), dtype)
+    ready = _after(jnp.int32(0), 0, old[0]) == 0
+    guard = lambda xs: [jnp.where(ready, x, jnp.zeros_like(x)) for x in xs]
+    if inputs:
+      new = new_states(*guard(inputs), *states)
+    else:
+      new = new_states(*guard(states))
+    sums = [_sums(terms(*inputs, *new), dtype)] if terms is not None else []
+    return new, jnp.concatenate(sums + [old])
   shape = (states or inputs)[0].shape
   chunk = _even_chunk(size, chunk)
   flat_in = [x.reshape(-1) for x in inputs]
@@ -220,47 +277,72 @@ def _sliced(update, terms, inputs, states, chunk, carried, dtype):
   def start_of(i):
     return jnp.minimum(i * chunk, size - chunk) if ragged else i * chunk
 
-  def part(x, start):
-    return jax.lax.dynamic_slice_in_dim(x, start, chunk)
+  # Indices are never negative: no wrap-around (one operation less).
+  def part(x, start, length=chunk):
+    return jax.lax.dynamic_slice(x, (start,), (length,),
+                                 allow_negative_indices=False)
+
+  def write(x, new, start):
+    return jax.lax.dynamic_update_slice(x, new, (start,),
+                                        allow_negative_indices=False)
 
   carried = tuple(carried)
+  ordered = old_terms is not None
 
-  def body(i, carry):
-    flat_st, current, acc = carry
+  def body(carry):
+    i, flat_st, current, accs = carry
     start = start_of(i)
+    fresh = start + jax.lax.iota(jnp.int32, chunk) >= i * chunk
+    mask = lambda rows: jnp.where(fresh, rows, 0) if ragged else rows
     ins = [part(x, start) for x in flat_in]
     olds = [part(x, start) for x in flat_st]
     for k, c in zip(carried, current):
       olds[k] = c
-    new = new_states(*ins, *olds)
-    if ragged:
-      fresh = start + jax.lax.iota(jnp.int32, chunk) >= i * chunk
-      new = tuple(jnp.where(fresh, n, c) for n, c in zip(new, olds))
-    flat_st = tuple(
-        jax.lax.dynamic_update_slice_in_dim(x, n, start, 0)
-        for x, n in zip(flat_st, new)
-    )
+    accs = list(accs)
+    if ordered:
+      accs[-1] = accs[-1] + mask(_rows(old_terms(*ins, *olds), dtype))
+      last_read = _one_value(accs[-1])
+      written = list(flat_st)
+      for k in reversed(range(len(flat_st))):
+        # The update reads the slice where it writes, at the same (ordered)
+        # index, so that XLA fuses it into the in-place write.
+        at = _after(start, size - chunk, last_read)
+        olds_at = [part(x, at) for x in flat_st]
+        new_k = new_states(*ins, *olds_at)[k]
+        if ragged:
+          new_k = jnp.where(fresh, new_k, olds_at[k])
+        written[k] = write(written[k], new_k, at)
+        last_read = _one_value(part(written[k], start))
+      flat_st = written
+    else:
+      new = new_states(*ins, *olds)
+      if ragged:
+        new = tuple(jnp.where(fresh, n, c) for n, c in zip(new, olds))
+      flat_st = [write(x, n, start) for x, n in zip(flat_st, new)]
     # The next slices, read after this one's write (see the docstring).
     current = tuple(part(flat_st[k], start_of(i + 1)) for k in carried)
-    if terms is None:
-      return flat_st, current, acc
-    slice_terms = _rows(terms(*ins, *[part(x, start) for x in flat_st]),
-                        dtype)
-    if ragged:
-      slice_terms = jnp.where(fresh, slice_terms, 0)
-    return flat_st, current, acc + slice_terms
+    if terms is not None:
+      news = [part(x, start) for x in flat_st]
+      accs[0] = accs[0] + mask(_rows(terms(*ins, *news), dtype))
+      last_read = _one_value(accs[0])
+    # Ordered: the next index after every use of this one (i + 1, as
+    # `_after` makes it), so that it takes i's place without a copy of i.
+    i = _after(i + 1, num_chunks, last_read) if ordered else i + 1
+    return i, tuple(flat_st), current, tuple(accs)
 
-  if terms is None:
-    zero = jnp.zeros([])
-  else:
-    # A zero derived from the terms, not jnp.zeros: under shard_map it must
-    # vary over the same mesh axes as the terms added to it (and `where`
-    # keeps it zero whatever the terms: inf, nan).
-    lead = [part(x, 0) for x in flat_in] + [part(x, 0) for x in flat_st]
-    lead_terms = _rows(terms(*lead), dtype)
-    zero = jnp.where(jnp.zeros(lead_terms.shape, bool), lead_terms, 0)
+  # Zeros derived from the terms, not jnp.zeros: under shard_map they must
+  # vary over the same mesh axes as the terms added to them (and `where`
+  # keeps them zero whatever the terms: inf, nan).
+  lead = [part(x, 0) for x in flat_in], [part(x, 0) for x in flat_st]
+  zeros = tuple(sums_of(*lead, lead[1], lambda t: (
+      lambda r: jnp.where(jnp.zeros(r.shape, bool), r, 0))(_rows(t, dtype))))
   current = tuple(part(flat_st[k], 0) for k in carried)
-  flat_st, _, acc = jax.lax.fori_loop(
-      0, num_chunks, body, (flat_st, current, zero))
-  total = None if terms is None else jnp.sum(acc, axis=-1)
-  return tuple(x.reshape(shape) for x in flat_st), total
+  # The index of an ordered loop depends on the terms (`_after`): under
+  # shard_map it varies over their mesh axes from the start, as they do.
+  first = _after(jnp.int32(0), 0, _one_value(zeros[-1])) if ordered else 0
+  _, flat_st, _, accs = jax.lax.while_loop(
+      lambda carry: carry[0] < num_chunks, body,
+      (jnp.asarray(first, jnp.int32), flat_st, current, zeros))
+  sums = [jnp.sum(a, axis=-1) for a in accs]
+  return (tuple(x.reshape(shape) for x in flat_st),
+          jnp.concatenate(sums) if sums else None)

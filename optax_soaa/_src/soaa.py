@@ -81,12 +81,21 @@ class SOAAState(NamedTuple):
     loss_avg: shape ``()``, ``S``: the moving average of the loss (not bias
       corrected).
     predicted_reduction: shape ``()``, ``S``: ``pr``, the loss reduction the
-      quadratic model predicted for the last step given a loss.
+      quadratic model predicted for the last step before this update that
+      had a finite loss (formed one update late, see :func:`soaa`).
     trust_ratio: shape ``()``, ``S``: ``(l̂ - l) / max(pr, eps)`` of the last
       step given a loss.
     fisher_ratio: shape ``()``, ``S``: the last ``r = Σ m̂² / Σ (v̂ + eps)``.
     skipped_values: shape ``()``, int32: how many non-finite ``value`` s were
       ignored.
+    pending_reduction: shape ``()``, bool: the last step had a finite loss,
+      so its predicted reduction is still to be formed (by the next update,
+      from the scalars below and the moments before they change).
+    pending_learning_rate: shape ``()``, ``S``: that step's learning rate.
+    pending_dt: shape ``()``, ``S``: the dt its direction used.
+    pending_bc1: shape ``()``, ``S``: its ``1 - b1^t``.
+    pending_bc2: shape ``()``, ``S``: its ``1 - b2^t``.
+    pending_eps: shape ``()``, ``S``: its eps.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_soaa
@@ -112,6 +121,12 @@ class SOAAState(NamedTuple):
   trust_ratio: jax.Array
   fisher_ratio: jax.Array
   skipped_values: jax.Array
+  pending_reduction: jax.Array
+  pending_learning_rate: jax.Array
+  pending_dt: jax.Array
+  pending_bc1: jax.Array
+  pending_bc2: jax.Array
+  pending_eps: jax.Array
 
 
 # The two passes of a step, per leaf (see `passes.run`). `v` is the
@@ -147,6 +162,15 @@ def _moment_sums(g, m, s, *v, curvature, **_):
   return utils.abs_sq(m), (v[0] if v else s)
 
 
+def _last_reduction_terms(g, m, s, *v, curvature, last_step, **_):
+  """The terms of the last step's predicted reduction, from the moments
+  before this update (those its direction read) and its scalars."""
+  del g
+  curvature_state = {"variance": v, "second_moment": (s,), "none": ()}
+  return _predicted_reduction_terms(m, s, *curvature_state[curvature],
+                                    **last_step)
+
+
 def _direction(m, s, *v, inv_bc1, inv_bc2, dt, eps, fisher_scale, **_):
   """Pass 2: g_adj = m̂ dt / (max(dt (1 + r) v̂, sqrt(ŝ)) + eps)."""
   dtype = jnp.promote_types(utils.real_dtype(m.dtype), s.dtype)
@@ -161,16 +185,36 @@ def _direction(m, s, *v, inv_bc1, inv_bc2, dt, eps, fisher_scale, **_):
 
 def _predicted_reduction_terms(m, s, *v, sum_dtype, curvature_weight,
                                **scalars):
-  """(Re(conj(m̂) g_adj) - ½ v̂ |g_adj|²) bc1, with g_adj recomputed (the
-  returned updates then keep a single consumer, and fuse into
-  `apply_updates`). m and v enter unscaled (`curvature_weight` =
-  ½ bc1 / bc2): XLA then needs no m̂ or v̂ array."""
+  """(Re(conj(m̂) g_adj) - ½ v̂ |g_adj|²) bc1, with g_adj recomputed from
+  the moments it was formed from and its step's scalars. m and v enter
+  unscaled (`curvature_weight` = ½ bc1 / bc2): XLA then needs no m̂ or v̂
+  array."""
   widen = lambda x: x.astype(jnp.promote_types(x.dtype, sum_dtype))
   u = widen(_direction(m, s, *v, **scalars))
   terms = utils.real_dot(widen(m), u)
   if v:
     terms = terms - v[0].astype(sum_dtype) * utils.abs_sq(u) * curvature_weight
   return (terms,)
+
+
+def _direction_scalars(*, bc1, bc2, dt, eps, fisher_ratio, sum_dtype):
+  """The named scalars of `_direction` and `_predicted_reduction_terms` for
+  one step (bias corrections, the dt it used, eps and r)."""
+  return dict(
+      inv_bc1=1 / bc1, inv_bc2=1 / bc2, dt=dt, eps=eps,
+      fisher_scale=1 + fisher_ratio, sum_dtype=sum_dtype,
+      curvature_weight=0.5 * bc1 / bc2,
+  )
+
+
+def _cast_updates(directions, updates):
+  """The directions in the gradients' dtypes (the real part where a complex
+  `mu_dtype` held the moment of a real parameter)."""
+  def cast(u, g):
+    if jnp.iscomplexobj(u) and not jnp.iscomplexobj(g):
+      u = u.real
+    return u.astype(g.dtype)
+  return jax.tree.map(cast, directions, updates)
 
 
 def _chunk_size_option(chunk_size, reduction_chunk_size):
@@ -252,10 +296,13 @@ def scale_by_soaa(
     curvature: ``"second_moment"`` (``v̂ = ŝ``, Adam's memory; default),
       ``"variance"`` (centred variance, 1.5x Adam's state) or ``"none"``
       (``v̂ = 0``: the paper's algorithm read literally). See :func:`soaa`.
-    mu_dtype: optional dtype of the first moment.
+    mu_dtype: optional dtype of the first moment (the params' if None). A
+      complex one is honoured for real params too (its imaginary part stays
+      0); a real one for complex params raises ``TypeError``.
     nu_dtype: optional dtype of the second moment and of the curvature
       (e.g. float32 state for bfloat16 params); the params' dtype if None
-      (its real counterpart for complex params).
+      (its real counterpart for complex params). They hold ``|g|²``: a
+      complex dtype raises ``TypeError``.
     axis_name: name of a mapped axis (``pmap``/``shard_map``) over which the
       parameters are *split*; the global sums are then ``psum``-ed over it.
       Leave ``None`` for replicated data parallelism and for sharded ``jit``.
@@ -285,6 +332,7 @@ def scale_by_soaa(
   utils.check_choice("curvature", curvature, CURVATURES)
   mu_dtype = utils.canonicalize_dtype(mu_dtype)
   nu_dtype = utils.canonicalize_dtype(nu_dtype)
+  utils.check_real_dtype("nu_dtype", nu_dtype)
   passes.check_chunk_size("chunk_size", chunk_size)
   lr_fn = utils.as_schedule(learning_rate)
   use_variance = curvature == "variance"
@@ -294,6 +342,7 @@ def scale_by_soaa(
     utils.check_moment_dtype("mu_dtype", mu_dtype, params)
     # A fresh array per field: shared buffers cannot be donated.
     zero = lambda: jnp.zeros([], sdtype)
+    one = lambda: jnp.ones([], sdtype)
     return SOAAState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -301,12 +350,20 @@ def scale_by_soaa(
         curvature=(
             utils.real_zeros_like(params, nu_dtype) if use_variance else None
         ),
-        dt=jnp.ones([], sdtype),
+        dt=one(),
         loss_avg=zero(),
         predicted_reduction=zero(),
         trust_ratio=zero(),
         fisher_ratio=zero(),
         skipped_values=jnp.zeros([], jnp.int32),
+        pending_reduction=jnp.zeros([], jnp.bool_),
+        # Finite scalars for the zero moments of the first update's sum
+        # (which `pending_reduction` then discards).
+        pending_learning_rate=zero(),
+        pending_dt=one(),
+        pending_bc1=one(),
+        pending_bc2=one(),
+        pending_eps=jnp.asarray(eps, sdtype),
     )
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -327,16 +384,24 @@ def scale_by_soaa(
     bc1 = 1 - b1_**t
     bc2 = 1 - jnp.asarray(b2, sdtype)**t
 
-    # Pass 1: the moments and the sums of r. The bias corrections and eps
-    # come out of the sums as scalars (Σ m̂² = Σ m² / bc1²,
-    # Σ (v̂ + eps) = Σ v / bc2 + n eps).
+    # Pass 1: the moments, the sums of r and the last step's predicted
+    # reduction. The bias corrections and eps come out of the sums as
+    # scalars (Σ m̂² = Σ m² / bc1², Σ (v̂ + eps) = Σ v / bc2 + n eps). The
+    # predicted reduction of step t-1 is first needed now, by this step's
+    # dt: it is summed here, from the moments before this update (those its
+    # direction read) and its stored scalars, instead of in a pass of its
+    # own over step t-1's moments.
+    last_step = _direction_scalars(
+        bc1=state.pending_bc1, bc2=state.pending_bc2, dt=state.pending_dt,
+        eps=state.pending_eps, fisher_ratio=state.fisher_ratio,
+        sum_dtype=sdtype)
     old = (state.mu, state.nu) + ((state.curvature,) if use_variance else ())
     moments = passes.run(
         "soaa/moments", (updates,), old,
         dict(b1=b1, b2=b2, bc1=bc1, first=count_inc == 1,
-             curvature=curvature),
-        update=_moments, terms=_moment_sums, sum_dtype=sdtype,
-        chunk_size=chunk, carried=(0,) if use_variance else (),
+             curvature=curvature, last_step=last_step),
+        update=_moments, terms=_moment_sums,
+        old_terms=_last_reduction_terms, sum_dtype=sdtype, chunk_size=chunk,
         axis_name=axis_name,
     )
     mu, nu = moments.states[:2]
@@ -350,18 +415,20 @@ def scale_by_soaa(
       num_elements = jax.lax.psum(num_elements, axis_name)
     sum_v = sum_v / bc2 + num_elements * eps_
     fisher_ratio = sum_m2 / jnp.square(bc1) / sum_v
+    predicted_reduction = jnp.where(
+        state.pending_reduction,
+        state.pending_learning_rate * moments.sums[-1] / state.pending_bc1,
+        state.predicted_reduction)
 
-    # Pass 2: the direction g_adj (dt of step t-1) and, given a loss, the sum
-    # of the predicted reduction. m̂, ŝ, v̂ are formed inside each consumer,
-    # so XLA never materialises them.
+    # Pass 2: the direction g_adj (dt of step t-1). m̂, ŝ, v̂ are formed
+    # inside it, so XLA never materialises them, and it fuses into
+    # `optax.apply_updates`.
     v_state = {"variance": (curv,), "second_moment": (nu,), "none": ()}[
         curvature]
     dt = state.dt
-    step_scalars = dict(
-        inv_bc1=1 / bc1, inv_bc2=1 / bc2, dt=dt, eps=eps_,
-        fisher_scale=1 + fisher_ratio, sum_dtype=sdtype,
-        curvature_weight=0.5 * bc1 / bc2,
-    )
+    step_scalars = _direction_scalars(
+        bc1=bc1, bc2=bc2, dt=dt, eps=eps_, fisher_ratio=fisher_ratio,
+        sum_dtype=sdtype)
     with_loss = value is not None
     if with_loss:
       _check_value(value)
@@ -375,15 +442,13 @@ def scale_by_soaa(
           MissingValueWarning, stacklevel=2)
     step = passes.run(
         "soaa/step", (mu, nu, *v_state), (), step_scalars,
-        output=_direction,
-        terms=_predicted_reduction_terms if with_loss else None,
-        sum_dtype=sdtype, chunk_size=chunk, axis_name=axis_name,
+        output=_direction, chunk_size=chunk, axis_name=axis_name,
     )
 
     loss_avg = state.loss_avg
-    predicted_reduction = state.predicted_reduction
     trust_ratio = state.trust_ratio
     skipped_values = state.skipped_values
+    finite = jnp.zeros([], jnp.bool_)
     if with_loss:
       loss = jnp.asarray(value).astype(sdtype)
       finite = jnp.isfinite(loss)
@@ -403,11 +468,9 @@ def scale_by_soaa(
       lower = (1 - gamma_) ** exponent
       upper = 1 + gamma_**exponent
       new_dt = jnp.clip(new_trust_ratio * dt, lower, upper)
-      new_pr = lr * step.sums[0] / bc1
       keep = lambda new, old: jnp.where(finite, new, old)
       loss_avg = keep(new_loss_avg, loss_avg)
       dt = keep(new_dt, dt)
-      predicted_reduction = keep(new_pr, predicted_reduction)
       trust_ratio = keep(new_trust_ratio, trust_ratio)
       skipped_values = skipped_values + jnp.where(finite, 0, 1).astype(jnp.int32)
 
@@ -422,8 +485,14 @@ def scale_by_soaa(
         trust_ratio=trust_ratio,
         fisher_ratio=fisher_ratio,
         skipped_values=skipped_values,
+        pending_reduction=finite,
+        pending_learning_rate=lr,
+        pending_dt=state.dt,
+        pending_bc1=bc1,
+        pending_bc2=bc2,
+        pending_eps=eps_,
     )
-    return optax.tree.cast_like(step.outputs, updates), new_state
+    return _cast_updates(step.outputs, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -489,6 +558,14 @@ def soaa(
     would amplify.
   * ``dt``, ``pr`` and ``loss_avg`` are global scalars (one loss per model).
     At ``t = 1``, ``l̂ = l`` exactly and ``pr = 0``, so ``dt = 1``.
+  * ``pr`` of step ``t`` is first needed at step ``t+1`` (by its ``dt``),
+    and is formed there, from the moments step ``t``'s direction read and
+    that step's scalars (kept in the state as ``pending_*``): the numbers
+    are the equations' above, and a step reads its memory twice instead of
+    three times. The state's ``predicted_reduction`` is therefore one
+    update behind: after update ``t`` it holds the ``pr`` of the last step
+    before ``t`` that had a finite loss (the one update ``t``'s
+    ``trust_ratio`` divided by), 0 after the first update.
   * Without ``value``, or with a non-finite one, ``dt``, ``pr`` and
     ``loss_avg`` keep their values (a non-finite loss is counted in
     ``skipped_values``). Moments still update. The bias correction of the loss
@@ -555,8 +632,10 @@ def soaa(
       scalars), ``"variance"`` (1.5x Adam's state) or ``"none"`` (the
       literal reading, ``v̂ = 0``; Adam's state). Static: it chooses the
       state's structure.
-    mu_dtype: optional dtype of the first moment.
-    nu_dtype: optional dtype of the second moment and curvature.
+    mu_dtype: optional dtype of the first moment; see
+      :func:`scale_by_soaa`.
+    nu_dtype: optional dtype of the second moment and curvature (real);
+      see :func:`scale_by_soaa`.
     weight_decay_mask: optional mask (or function of params) for the decay.
     axis_name: see :func:`scale_by_soaa`.
     chunk_size: see :func:`scale_by_soaa`.

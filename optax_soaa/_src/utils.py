@@ -165,16 +165,27 @@ def _dtype_of(x: Any) -> jnp.dtype:
 
 
 def check_moment_dtype(name: str, dtype: Optional[Any], tree: Any) -> None:
-  """Raises `ValueError` when a real `dtype` option would hold a first moment
+  """Raises `TypeError` when a real `dtype` option would hold a first moment
   of complex leaves (it would drop their imaginary parts)."""
   if dtype is None or jnp.issubdtype(dtype, jnp.complexfloating):
     return
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     if jnp.issubdtype(_dtype_of(x), jnp.complexfloating):
-      raise ValueError(
-          f"`{name}`={jnp.dtype(dtype).name} cannot hold the first moment of "
-          f"the complex parameter {jax.tree_util.keystr(path)} "
-          f"({_dtype_of(x)}); pass a complex dtype or None.")
+      raise TypeError(
+          f"`{name}`={jnp.dtype(dtype).name} is real and cannot hold the "
+          f"first moment of the complex parameter "
+          f"{jax.tree_util.keystr(path)} ({_dtype_of(x)}); pass a complex "
+          "dtype or None.")
+
+
+def check_real_dtype(name: str, dtype: Optional[Any]) -> None:
+  """Raises `TypeError` for a complex `dtype` option of a state of squared
+  magnitudes (|g|², real for complex parameters too)."""
+  if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(
+        f"`{name}`={jnp.dtype(dtype).name} is complex, but the state it sets "
+        f"holds squared magnitudes |g|², which are real: pass "
+        f"{real_dtype(dtype).name} (or None, the parameters' real dtype).")
 
 
 def scalar_dtype(tree: Any) -> jnp.dtype:

@@ -5,16 +5,19 @@
 
 The step is `update` + `apply_updates`, jitted with params and state donated,
 as training loops run it. Each optimizer is timed interleaved with Adam in one
-process (pairs of runs, alternating order); the reported ratio is the median
-over pairs, which cancels slow drifts of the machine. State memory is the
-bytes of the optimizer state pytree relative to Adam's. Bytes accessed is
-XLA's cost analysis of the whole-array step, beside the floor of each
-algorithm (the report's notes say how both are counted).
+process (pairs of runs, alternating order); the reported ratios (wall-clock
+time and the process's CPU time) are medians over pairs, which cancel slow
+drifts of the machine. State memory is the bytes of the optimizer state pytree
+relative to Adam's. Bytes accessed is XLA's cost analysis of the whole-array
+step, beside the floor of each algorithm, and the longest loop body is the
+most operations one slice of a sliced pass runs (the report's notes say how
+each is counted).
 """
 
 import argparse
 import datetime
 import os
+import re
 import sys
 import json
 import platform
@@ -33,7 +36,8 @@ from optax_soaa.benchmarks import tasks
 
 
 class Entry(NamedTuple):
-  make: Callable[[], optax.GradientTransformation]
+  # The optimizer; `chunk_size=` overrides its layout (bytes accessed).
+  make: Callable[..., optax.GradientTransformation]
   # Extra keyword arguments of `update`, built from the step index.
   extra_args: Callable[[jax.Array], Dict[str, Any]] = lambda step: {}
   # Arrays of parameter size read or written per step at the least: each
@@ -52,13 +56,21 @@ _layout = {"chunk_size": "auto"}
 
 
 def _soaa(curvature="second_moment", **options):
-  return lambda: optax_soaa.soaa(
-      1e-3, total_steps=10_000, curvature=curvature, **{**_layout, **options})
+  return lambda **layout: optax_soaa.soaa(
+      1e-3, total_steps=10_000, curvature=curvature,
+      **{**_layout, **options, **layout})
 
 
 def _arturo(**options):
-  return lambda: optax_soaa.arturo(
-      **tasks.ARTURO_FMNIST, **{**_layout, **options})
+  return lambda **layout: optax_soaa.arturo(
+      **tasks.ARTURO_FMNIST, **{**_layout, **options, **layout})
+
+
+def _chunk_option(name: str) -> Any:
+  """The `chunk_size` option of an entry ("auto" unless it sets one)."""
+  options = {"-whole": None}
+  return next((v for k, v in options.items() if name.endswith(k)),
+              _layout["chunk_size"])
 
 
 # The floors (float32 arrays of parameter size moved per step):
@@ -70,7 +82,7 @@ def _arturo(**options):
 #   step reads θ, b, h, λ and writes θ (5): 19, plus 4 per bisection pass
 #   beyond the filter's (none, usually, with the tuned Fashion-MNIST values).
 OPTIMIZERS: Dict[str, Entry] = {
-    "adam": Entry(lambda: optax.adam(1e-3)),
+    "adam": Entry(lambda **layout: optax.adam(1e-3)),
     "soaa": Entry(_soaa(), _loss_value, 9.0),
     "soaa-variance": Entry(_soaa("variance"), _loss_value, 12.0),
     "soaa-none": Entry(_soaa("none"), _loss_value, 9.0),
@@ -90,20 +102,6 @@ OPTIMIZERS: Dict[str, Entry] = {
         _soaa("variance", chunk_size=None), _loss_value, 12.0),
     "arturo-whole": Entry(_arturo(chunk_size=None), floor=19.0),
 }
-
-# The layout whose bytes `bytes_accessed` reports: whole arrays, as GPU and
-# TPU run every step (cost analysis counts a loop's body once, so a sliced
-# step's figure would mean nothing).
-_WHOLE_ARRAYS = {
-    "soaa": _soaa(chunk_size=None),
-    "soaa-variance": _soaa("variance", chunk_size=None),
-    "soaa-none": _soaa("none", chunk_size=None),
-    "soaa-fixed-dt": _soaa(chunk_size=None),
-    "soaa-variance-fixed-dt": _soaa("variance", chunk_size=None),
-    "arturo": _arturo(chunk_size=None),
-    "arturo-1-level": _arturo(chunk_size=None, levels_per_pass=1),
-}
-
 
 def make_params(num_params: int, seed: int = 0) -> Dict[str, jax.Array]:
   """A pytree shaped like an MLP/embedding model, about `num_params` large."""
@@ -141,33 +139,80 @@ def build_step(opt: optax.GradientTransformation, entry: Entry):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def arrays_accessed(name: str, params, grads) -> float:
+def _compiled_step(name: str, params, **layout):
+  entry = OPTIMIZERS[name]
+  opt = entry.make(**layout)
+  grads = jax.tree.map(lambda p: 1e-3 * jnp.cos(p * 100.0), params)
+  return build_step(opt, entry).lower(
+      params, opt.init(params), grads, jnp.asarray(0, jnp.int32)).compile()
+
+
+def _bytes(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per module
+    cost = cost[0]
+  return float(cost["bytes accessed"])
+
+
+def arrays_accessed(name: str, params) -> float:
   """Bytes the compiled whole-array step accesses, per float32 parameter.
 
   From XLA's cost analysis of the step (`update` + `apply_updates`, params
   and state donated) compiled for this backend, over whole arrays (the
-  layout of GPU and TPU); divided by 4 bytes times the number of
-  parameters, so that it reads as arrays of parameter size moved per step.
+  layout of GPU and TPU: the analysis counts a loop's body once, so a
+  sliced step's figure would mean nothing); divided by 4 bytes times the
+  number of parameters, so that it reads as arrays of parameter size moved
+  per step.
   """
-  entry = OPTIMIZERS[name]
-  opt = _WHOLE_ARRAYS.get(name, entry.make)()
-  state = opt.init(params)
-  compiled = build_step(opt, entry).lower(
-      params, state, grads, jnp.asarray(0, jnp.int32)).compile()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per module
-    cost = cost[0]
   n = sum(x.size for x in jax.tree.leaves(params))
-  return float(cost["bytes accessed"]) / (4 * n)
+  return _bytes(_compiled_step(name, params, chunk_size=None)) / (4 * n)
+
+
+# One HLO instruction: `%name = f32[16384]{0} fusion(...)`.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*.*?\s([\w\-]+)\(")
+_BOOKKEEPING = {"parameter", "get-tuple-element", "tuple", "constant",
+                "bitcast"}
+
+
+def longest_loop_body(compiled) -> int:
+  """The most operations (fusions, copies: what the runtime executes) in
+  the body of one of the step's loops over slices; 0 without such loops.
+
+  XLA:CPU runs a loop body of up to 8 operations inline; a longer one is
+  dispatched operation by operation on every iteration, a cost per slice.
+  A loop over slices reads slices (dynamic slices in its fusions); a loop
+  that holds loops (arTuRO's bisection, in the sliced layout) is not one.
+  """
+  text = compiled.as_text()
+  bodies = set(re.findall(r"while\(.*?body=%?([\w.\-]+)", text))
+  computations, current = {}, None
+  for line in text.splitlines():
+    header = re.match(r"^%?([\w.\-]+) \(", line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+      continue
+    match = _INSTRUCTION.match(line)
+    if current is not None and match and match.group(1) not in _BOOKKEEPING:
+      current.append((match.group(1), line))
+  longest = 0
+  for name in bodies:
+    ops = computations.get(name, [])
+    if any(op == "while" for op, _ in ops) or not any(
+        "dynamic" in line for _, line in ops):
+      continue
+    longest = max(longest, len(ops))
+  return longest
 
 
 def _time_steps(step_fn, carry, grads, n_steps):
+  """(wall-clock seconds, CPU seconds of this process), the new carry."""
   params, state = carry
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   for i in range(n_steps):
     params, state = step_fn(params, state, grads, jnp.asarray(i, jnp.int32))
   jax.block_until_ready((params, state))
-  return time.perf_counter() - start, (params, state)
+  return ((time.perf_counter() - start, time.process_time() - cpu_start),
+          (params, state))
 
 
 def run(
@@ -187,16 +232,21 @@ def run(
     params = jax.tree.map(jnp.copy, params0)
     state = opt.init(params)
     state_bytes = tree_bytes(state)
+    body = longest_loop_body(step_fn.lower(
+        params, state, grads, jnp.asarray(0, jnp.int32)).compile())
     # Compile and warm up.
     _, carry = _time_steps(step_fn, (params, state), grads, 2)
     runners[name] = dict(
         step=step_fn, carry=carry, state_bytes=state_bytes,
-        arrays=arrays_accessed(name, params0, grads),
+        arrays=arrays_accessed(name, params0), loop_body=body,
+        layout="whole" if name == "adam" or passes.resolve_chunk_size(
+            _chunk_option(name)) is None else "sliced",
     )
 
   times = {name: [] for name in runners}
   ratios = {name: [[] for _ in range(repeats)]
             for name in runners if name != "adam"}
+  cpu_ratios = {name: [] for name in ratios}
   loads = []
   for block in range(repeats):
     load_before = os.getloadavg()[0]
@@ -206,11 +256,12 @@ def run(
         pair = {}
         for who in order:
           r = runners[who]
-          dt, r["carry"] = _time_steps(r["step"], r["carry"], grads,
-                                       steps_per_timing)
-          pair[who] = dt / steps_per_timing
-          times[who].append(pair[who])
-        ratios[name][block].append(pair[name] / pair["adam"])
+          (wall, cpu), r["carry"] = _time_steps(r["step"], r["carry"], grads,
+                                                steps_per_timing)
+          pair[who] = (wall / steps_per_timing, cpu)
+          times[who].append(pair[who][0])
+        ratios[name][block].append(pair[name][0] / pair["adam"][0])
+        cpu_ratios[name].append(pair[name][1] / pair["adam"][1])
     loads.append([load_before, os.getloadavg()[0]])
 
   adam = runners["adam"]
@@ -231,22 +282,29 @@ def run(
             [1.0] * repeats if name == "adam" else
             [statistics.median(x) for x in ratios[name]]
         ),
+        cpu_time_ratio_vs_adam=(
+            1.0 if name == "adam" else statistics.median(cpu_ratios[name])
+        ),
+        layout=r["layout"],
+        longest_loop_body=r["loop_body"],
         state_bytes=r["state_bytes"],
         state_ratio_vs_adam=r["state_bytes"] / adam["state_bytes"],
         arrays_accessed=r["arrays"],
         bytes_ratio_vs_adam=r["arrays"] / adam["arrays"],
         floor_arrays=OPTIMIZERS[name].floor,
         floor_ratio_vs_adam=OPTIMIZERS[name].floor / OPTIMIZERS["adam"].floor,
+        bytes_ratio_vs_floor=r["arrays"] / OPTIMIZERS[name].floor,
     )
   return results
 
 
 def format_table(results) -> str:
   lines = [
-      "| optimizer | step (ms) | time / Adam (median) | IQR | per repeat "
-      "| state / Adam | bytes accessed (arrays) | bytes / Adam "
-      "| floor (arrays) | floor / Adam |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| optimizer | layout | step (ms) | time / Adam (median) | IQR "
+      "| per repeat | CPU time / Adam | state / Adam "
+      "| bytes accessed, whole arrays | floor (arrays) | bytes / floor "
+      "| longest loop body |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in results.items():
     if not isinstance(r, dict):
@@ -254,11 +312,12 @@ def format_table(results) -> str:
     lo, hi = r["time_ratio_iqr"]
     per_repeat = " / ".join(f"{x:.2f}" for x in r["time_ratio_per_repeat"])
     lines.append(
-        f"| {name} | {1e3 * r['median_step_s']:.2f} | "
+        f"| {name} | {r['layout']} | {1e3 * r['median_step_s']:.2f} | "
         f"{r['time_ratio_vs_adam']:.2f}x | {lo:.2f}-{hi:.2f} | {per_repeat} | "
+        f"{r['cpu_time_ratio_vs_adam']:.2f}x | "
         f"{r['state_ratio_vs_adam']:.2f}x | {r['arrays_accessed']:.1f} | "
-        f"{r['bytes_ratio_vs_adam']:.2f}x | {r['floor_arrays']:.0f} | "
-        f"{r['floor_ratio_vs_adam']:.2f}x |"
+        f"{r['floor_arrays']:.0f} | {r['bytes_ratio_vs_floor']:.2f}x | "
+        f"{r['longest_loop_body'] or '-'} |"
     )
   return "\n".join(lines)
 
@@ -270,22 +329,35 @@ _NOTES = """\
   pairs, its interquartile range, and the median of each repeat (blocks of
   pairs run one after another). The load average is recorded before and after
   each repeat: the machine may be shared, and a loaded machine moves ratios.
+- CPU time / Adam: the same pairs, timed by the process's CPU time (all its
+  threads): what the step costs the machine. Adam's step is whole-array
+  fusions, which XLA:CPU splits over the cores; a loop over slices runs on
+  one core, so its wall-clock ratio is above its CPU-time ratio on an idle
+  machine (a loaded one leaves no core free and flattens the difference).
+- layout: how the row's passes run on this backend: `sliced` (loops over
+  slices of {chunk} elements, "auto" on a single CPU device) or `whole`
+  (whole arrays, as on GPU and TPU; the `-whole` rows).
 - bytes accessed: XLA's cost analysis (`jit(step).lower(...).compile()
   .cost_analysis()["bytes accessed"]`) of the step over whole arrays (the
   layout of GPU and TPU; `chunk_size=None`), compiled for this backend, in
   float32 arrays of parameter size (bytes / 4 / parameters). The analysis
-  counts a loop's body once: arTuRO's figure holds one bisection pass whether
-  or not it runs. It is this backend's fusion: XLA:CPU forms no multi-output
-  loop fusions, so a value two outputs need is written and read back (Adam
-  itself moves 10 arrays here, against its floor of 7).
+  counts a loop's body once, so it says nothing of the sliced layout, whose
+  loops read and write each of their arrays once per step (the floor's
+  count), slice by slice. arTuRO's figure holds one bisection pass whether
+  or not it runs. It is this backend's fusion: XLA:CPU forms no
+  multi-output loop fusions, so a value two outputs need is written and
+  read back (Adam itself moves 10 arrays here, against its floor of 7).
 - floor: the arrays each pass must read and write, with every pass fused:
   Adam 7; SOAA 9 (12 with `curvature="variance"`): the moments' pass reads g,
   m, s (v) and writes m, s (v), the step's pass reads m, s (v), θ and writes
-  θ; arTuRO 19: the filter reads g, θ and six states and writes the six, the
-  step reads θ, b, h, λ and writes θ (plus 4 per bisection pass beyond the
-  filter's).
-- The `-whole` rows time the whole-array layout on this backend: on a single
-  CPU device "auto" runs the passes in slices of {chunk} elements instead.
+  θ (the predicted reduction of the step before is summed in the moments'
+  pass, from the moments it reads); arTuRO 19: the filter reads g, θ and six
+  states and writes the six, the step reads θ, b, h, λ and writes θ (plus 4
+  per bisection pass beyond the filter's).
+- longest loop body: the most operations (fusions, copies) in the body of
+  one loop over slices of the step. XLA:CPU runs a body of up to 8 inline
+  and dispatches a longer one operation by operation, on every slice: over
+  8 it pays a fixed cost per operation and slice.
 """
 
 
