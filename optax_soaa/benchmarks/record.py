@@ -85,12 +85,15 @@ def kfac_jax_version() -> Optional[str]:
 def portable_path(arg: str, root: pathlib.Path = ROOT) -> str:
   """An absolute path `arg` relative to the checkout; anything else as is.
 
-  A path outside the checkout is written relative to it as well (``../x``):
-  it names no machine's directories either.
+  A path outside the checkout names its folder only (``<elsewhere>/name``,
+  see `schema.elide_path`): the machine's directories are nobody's business.
   """
   if not os.path.isabs(arg):
     return arg
-  return os.path.relpath(arg, root)
+  path, root = pathlib.Path(arg).resolve(), pathlib.Path(root).resolve()
+  if path == root or root in path.parents:
+    return path.relative_to(root).as_posix() or "."
+  return schema.elide_path(path.as_posix())
 
 
 def portable_command(argv: Sequence[str],

@@ -213,7 +213,7 @@ class Run:
     return self.mode == "tuned"
 
   def to_json(self) -> Dict[str, Any]:
-    return _to_json(self)
+    return to_json_value(self)
 
   @classmethod
   def from_json(cls, data: Dict[str, Any]) -> "Run":
@@ -239,16 +239,16 @@ def clean(x):
   return x
 
 
-def _to_json(obj):
+def to_json_value(obj):
   if dataclasses.is_dataclass(obj):
-    return {f.name: _to_json(getattr(obj, f.name))
+    return {f.name: to_json_value(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
             if not (getattr(obj, f.name) is None
                     and f.metadata.get("omit_none"))}
   if isinstance(obj, dict):
-    return {k: _to_json(v) for k, v in obj.items()}
+    return {k: to_json_value(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_to_json(v) for v in obj]
+    return [to_json_value(v) for v in obj]
   return clean(obj)
 
 

@@ -252,8 +252,11 @@ def provenance(run: schema.Run) -> List[str]:
 
 
 def heading(run: schema.Run, level: int = 2, name: Optional[str] = None) -> str:
-  return (f"{'#' * level} {name or run.task.name}: "
-          f"{'tuned' if run.tuned else 'sweep'}, {run.task.length}")
+  """"<task>: <mode>, <length>", or "<run> (<task>, ...)" for a named run."""
+  what = f"{'tuned' if run.tuned else 'sweep'}, {run.task.length}"
+  if name and name != run.task.name:
+    return f"{'#' * level} {name} ({run.task.name}, {what})"
+  return f"{'#' * level} {run.task.name}: {what}"
 
 
 def markdown_report(run: schema.Run, heading_level: int = 2) -> str:
