@@ -10,13 +10,13 @@ the exact structure, dtypes and shapes of a target built from the optimizer::
   import jax, optax_soaa
   from optax_soaa import checkpoint
 
-  checkpoint.save("/tmp/run/step_1000", params, opt_state, step=1000)
+  checkpoint.save("run/step_1000", params, opt_state, step=1000)
 
   # In a fresh process: build the same optimizer and model, then
   params_like = jax.eval_shape(model.init, key, x)["params"]
   opt_state_like = jax.eval_shape(tx.init, params_like)
   params, opt_state, step = checkpoint.restore(
-      "/tmp/run/step_1000", params_like, opt_state_like)
+      "run/step_1000", params_like, opt_state_like)
 
 With the same data order (derive each batch from ``(seed, step)``) the
 continued run is bit-identical to an uninterrupted one.
