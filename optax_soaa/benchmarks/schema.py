@@ -201,6 +201,9 @@ class Run:
   planned_optimizers: List[str]
   target_test_loss: Optional[float] = None
   wall_s: float = 0.0
+  # How the run came about, in words, where the records above cannot say
+  # it (a machine's load, a package installed from a local clone).
+  provenance_notes: List[str] = dataclasses.field(default_factory=list)
   schema_version: int = SCHEMA_VERSION
 
   @property

@@ -224,8 +224,11 @@ def provenance(run: schema.Run) -> List[str]:
   if kfac_env and kfac_env.kfac_conv_input_stats == "explicit-patches":
     kfac += ", conv input factor from explicit patches"
   lines = [f"- command: `{env.command}`"]
-  for later in run.environments[1:]:
-    lines.append(f"- resumed: `{later.command}` ({later.date}, commit"
+  extended = {i for r in run.optimizers.values() for i in r.extended_by or ()}
+  for i, later in enumerate(run.environments[1:], 1):
+    how = ("values added (joined by --merge)" if i in extended
+           else "resumed")
+    lines.append(f"- {how}: `{later.command}` ({later.date}, commit"
                  f" {later.git_commit or 'unknown'})")
   lines += [
       f"- date: {env.date}; commit: {env.git_commit or 'unknown'}",
@@ -242,6 +245,7 @@ def provenance(run: schema.Run) -> List[str]:
       f"- wall time of the whole run: {run.wall_s:.0f} s",
   ]
   lines += [f"- {n}" for n in task.notes]
+  lines += [f"- Provenance: {n}" for n in run.provenance_notes]
   if not run.complete:
     done = [f"{o} (seeds {[c.seed for c in r.curves]})"
             for o, r in run.optimizers.items()]
