@@ -19,7 +19,7 @@ results.json (after every optimizer and seed: a stopped run keeps what
 finished, and --resume continues it), results.md and PNG plots into --out
 (default bench_results/<task>) and prints the table. Before training it
 measures each optimizer's step and prints the expected wall time. See
-BENCHMARKS.md for the protocol.
+docs/benchmark_protocol.md for the protocol and BENCHMARKS.md for the results.
 """
 
 import argparse
@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                       " (repeatable), e.g. a caveat about a run")
   p.add_argument("--write-benchmarks-md", nargs="?", const="BENCHMARKS.md",
                  default=None, metavar="PATH",
-                 help="(re)write BENCHMARKS.md from this invocation's results")
+                 help="(re)write BENCHMARKS.md from this invocation's results"
+                      " (and, beside it, docs/benchmark_protocol.md and the"
+                      " README's summary table, when they are there)")
   return p
 
 
@@ -193,9 +195,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = [(schema.run_name(p), schema.load(p)) for p in paths]
     path.write_text(report.benchmarks_md(
         runs, notes=args.note, plot_dirs=plot_dirs, relative_to=path.parent))
+    # Beside it, when there: the full protocol page and the README's copy
+    # of the summary table.
     protocol = path.parent / report.PROTOCOL_PAGE
     if protocol.parent.is_dir():
       protocol.write_text(report.protocol_text())
+    readme = path.parent / "README.md"
+    if readme.is_file() and report.README_MARKS[0] in readme.read_text():
+      readme.write_text(report.with_summary(
+          readme.read_text(),
+          report.summary_table(dict(runs))))
     print(f"[bench] wrote {path}", file=sys.stderr)
   return 0
 

@@ -26,3 +26,20 @@ def test_ci_runs_the_readme_test_command():
   assert len(lines) == 2
   ci = (README.parent / ".ci" / "run").read_text()
   assert lines[1] in ci
+
+
+def test_readme_summary_table_is_the_tools_from_the_committed_results():
+  from optax_soaa.benchmarks import report  # pylint: disable=g-import-not-at-top
+  from optax_soaa.benchmarks import schema  # pylint: disable=g-import-not-at-top
+  text = README.read_text()
+  runs = {schema.run_name(p): schema.load(p) for p in sorted(
+      README.parent.glob("results/bench/*/results.json"))}
+  table = report.summary_table(runs)
+  assert report.with_summary(text, table) == text
+  benchmarks = (README.parent / "BENCHMARKS.md").read_text().splitlines()
+  first = next(i for i, line in enumerate(benchmarks) if line.startswith("|"))
+  assert first < 30 and "\n".join(benchmarks[first:]).startswith(table[:200])
+
+
+def test_readme_is_a_newcomers_page():
+  assert len(README.read_text().splitlines()) <= 220

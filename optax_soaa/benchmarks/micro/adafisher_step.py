@@ -164,10 +164,8 @@ def main(argv=None):
           + "; ".join(f"{n} {res['ms'][n]:.1f} ms = {r:.3f}x adam"
                       for n, r in res["ratio_to_adam"].items())
           + f" (median of {rounds} interleaved rounds)")
-  result.update(common.run_record("optax_soaa.benchmarks.adafisher_step",
-                                  argv))
-  common.write_json(args.json, result)
-  return result
+  return common.recorded(result, "optax_soaa.benchmarks.adafisher_step", argv,
+                         args.json)
 
 
 if __name__ == "__main__":

@@ -99,10 +99,8 @@ def main(argv=None):
                     ("Sophia's HVP", result["sophia_hvp_s"])):
     print(f"{name}: " + ("kfac-jax not available" if res is None else "; ".join(
         f"{k} {v * 1e3:.1f} ms" for k, v in res.items())))
-  result.update(common.run_record("optax_soaa.benchmarks.baseline_costs",
-                                  argv))
-  common.write_json(args.json, result)
-  return result
+  return common.recorded(result, "optax_soaa.benchmarks.baseline_costs", argv,
+                         args.json)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,12 @@ def run_record(module: str, argv: Optional[Sequence[str]]) -> Dict[str, Any]:
       command=record.portable_command(["python", "-m", module] + argv))
 
 
-def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
-  if path:
-    with open(path, "w") as f:
+def recorded(result: Dict[str, Any], module: str,
+             argv: Optional[Sequence[str]],
+             json_path: Optional[str]) -> Dict[str, Any]:
+  """`result` with its `run_record`, also written to `json_path` if given."""
+  result.update(run_record(module, argv))
+  if json_path:
+    with open(json_path, "w") as f:
       json.dump(result, f, indent=2)
+  return result

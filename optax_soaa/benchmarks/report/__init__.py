@@ -9,6 +9,8 @@
 from optax_soaa.benchmarks.report.document import benchmarks_md
 from optax_soaa.benchmarks.report.document import PROTOCOL_PAGE
 from optax_soaa.benchmarks.report.document import protocol_text
+from optax_soaa.benchmarks.report.document import README_MARKS
+from optax_soaa.benchmarks.report.document import with_summary
 from optax_soaa.benchmarks.report.plots import PLOT_FILES
 from optax_soaa.benchmarks.report.plots import write_plots
 from optax_soaa.benchmarks.report.summary import summary_table
@@ -18,6 +20,7 @@ from optax_soaa.benchmarks.report.tables import table_rows
 
 TABLE_FILE = "results.md"
 
-__all__ = ("PLOT_FILES", "PROTOCOL_PAGE", "TABLE_FILE", "benchmarks_md",
-           "diagnostics_summary", "markdown_report", "protocol_text",
-           "summary_table", "table_rows", "write_plots")
+__all__ = ("PLOT_FILES", "PROTOCOL_PAGE", "README_MARKS", "TABLE_FILE",
+           "benchmarks_md", "diagnostics_summary", "markdown_report",
+           "protocol_text", "summary_table", "table_rows", "with_summary",
+           "write_plots")

@@ -11,6 +11,9 @@ from optax_soaa.benchmarks.report import tables
 
 # Where the full protocol goes, relative to BENCHMARKS.md's folder.
 PROTOCOL_PAGE = "docs/benchmark_protocol.md"
+# The README's copy of the summary table lies between these lines.
+README_MARKS = ("<!-- summary table: written by the benchmark tool"
+                " (--write-benchmarks-md) -->", "<!-- end of summary table -->")
 REGENERATE = ("python -m optax_soaa.bench --from-results"
               " results/bench/*/results.json --write-benchmarks-md")
 
@@ -18,13 +21,13 @@ PROTOCOL = """\
 # Benchmark protocol
 
 This page is written by the benchmark tool (`--write-benchmarks-md`), with
-the settings filled in from the code that applies them; the results are in
-[BENCHMARKS.md](../BENCHMARKS.md), the summary first.
+the settings filled in from the code that applies them; the results are on
+the [benchmarks page](benchmarks.md) (BENCHMARKS.md), the summary first.
 
 - **Tool.** `python -m optax_soaa.bench` (console script `optax-soaa-bench`).
   Every run writes `results.json` (environment, command, every evaluation of
-  every value and seed, and per-step diagnostics), `results.md` (the table
-  below) and plots (`curves.png`: train and test loss against steps and
+  every value and seed, and per-step diagnostics), `results.md` (the run's
+  table) and plots (`curves.png`: train and test loss against steps and
   seconds; `diagnostics.png`: SOAA's dt after every step and the share of
   steps it spent at each clip bound, arTuRO's eta and bisection steps after
   every step; `sweep.png`: final metric against the swept value) to `--out`
@@ -73,7 +76,7 @@ the settings filled in from the code that applies them; the results are in
   `stats_due=optax_soaa.stats_due(state)`, LayerNorms included);
   AdaFisherW uses AdamW's weight decay; SGD's weight decay is coupled (L2),
   as in PyTorch.
-- **Two modes; each table below names its mode.** *Sweep*: each optimizer
+- **Two modes; each run's table names its mode.** *Sweep*: each optimizer
   gets the same factors (≥ 4, log-spaced) times its centre value: Adam's
   learning rate for every Adam-scale method (SOAA, AdaFisher(W), Sophia,
   AdamW, K-FAC, Adam: literally the same values), SGD's own learning rate for
@@ -85,7 +88,11 @@ the settings filled in from the code that applies them; the results are in
   configuration where the task has one (`fmnist-cnn`: the arTuRO authors'
   Adam, AdamW, SGD-momentum and arTuRO), else the value a sweep of the same
   task picked (`--tuned-from` that sweep's `results.json`); the source of
-  every value is printed under the table.
+  every value is printed under the table. A sweep whose best value sits at
+  its edge is widened until it does not: a run of the values beyond the edge
+  alone, joined to the first with `--from-results FIRST MORE --merge DIR`
+  (the same initial params and batches, so the joined sweep is the one a
+  single run would train).
 - **How the values train.** The optimizer is wrapped in
   `optax.inject_hyperparams`, so the value, times the step schedule, is set
   in its state every step. One function trains one value for one step; on a
@@ -198,3 +205,12 @@ def benchmarks_md(runs: Sequence[Tuple[str, schema.Run]],
           f"![{name} {f[:-4]}]({(base / f).as_posix()})"
           for f in plots.PLOT_FILES if (plot_dir / f).is_file()) + "\n")
   return "\n".join(parts).rstrip() + "\n"
+
+
+def with_summary(readme: str, table: str) -> str:
+  """`readme` with `table` between its `README_MARKS` (ValueError without)."""
+  start, end = README_MARKS
+  if start not in readme or end not in readme:
+    raise ValueError(f"no {start!r} ... {end!r} lines to write the summary to")
+  head, rest = readme.split(start, 1)
+  return f"{head}{start}\n{table}{end}{rest.split(end, 1)[1]}"
