@@ -7,10 +7,13 @@ import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+# The examples that moved from the README to the usage guide run as well.
+GUIDE = README.parent / "docs" / "guide" / "usage.md"
+GUIDE_BLOCKS = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
 
 
 def test_readme_has_examples():
-  assert len(BLOCKS) >= 3
+  assert len(BLOCKS) >= 3 and len(GUIDE_BLOCKS) >= 6
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
@@ -18,6 +21,13 @@ def test_readme_example_runs(index):
   namespace = {"__name__": f"readme_example_{index}"}
   exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"),
        namespace)
+
+
+@pytest.mark.parametrize("index", range(len(GUIDE_BLOCKS)))
+def test_usage_guide_example_runs(index):
+  namespace = {"__name__": f"usage_example_{index}"}
+  exec(compile(GUIDE_BLOCKS[index], f"docs/guide/usage.md[python block"
+               f" {index}]", "exec"), namespace)
 
 
 def test_ci_runs_the_readme_test_command():
