@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                       " (the first, then the values each later one added)"
                       " into DIR/results.json, e.g. a sweep widened by a"
                       " later run of the new values only")
+  p.add_argument("--provenance", action="append", default=[],
+                 metavar="NOTE",
+                 help="with --merge: a note on how the runs came about (a"
+                      " machine's load, a package from a local clone), kept"
+                      " in the merged results.json (repeatable)")
   p.add_argument("--note", action="append", default=[],
                  help="a line added under the results in BENCHMARKS.md"
                       " (repeatable), e.g. a caveat about a run")
@@ -143,11 +148,14 @@ def _rerender(paths: Sequence[str]) -> List[pathlib.Path]:
   return dirs
 
 
-def _merge(paths: Sequence[str], out: pathlib.Path) -> None:
+def _merge(paths: Sequence[str], out: pathlib.Path,
+           notes: Sequence[str]) -> None:
   runs = [schema.load(p) for p in paths]
   merged = runs[0]
   for more in runs[1:]:
     merged = pipeline.merge_runs(merged, more)
+  merged.provenance_notes += [n for n in notes
+                              if n not in merged.provenance_notes]
   out.mkdir(parents=True, exist_ok=True)
   schema.save(out / schema.RESULTS_FILE, merged)
 
@@ -169,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.merge:
     if not args.from_results:
       raise SystemExit("--merge needs --from-results")
-    _merge(args.from_results, pathlib.Path(args.merge))
+    _merge(args.from_results, pathlib.Path(args.merge), args.provenance)
     args.from_results = [str(pathlib.Path(args.merge) / schema.RESULTS_FILE)]
   if args.from_results:
     paths = list(args.from_results)

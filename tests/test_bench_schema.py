@@ -178,3 +178,24 @@ def test_summary_rows_say_how_each_value_was_tuned_and_compare_to_adam():
   table = summary.summary_table({"sweep": sweep, "pick": picked})
   assert "| (reference) |" in table and "`pick`" in table
   assert np.isclose(rows[1].mean, 0.9)
+
+
+def test_merge_command_joins_the_files_and_keeps_a_provenance_note(tmp_path):
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from optax_soaa import bench  # pylint: disable=g-import-not-at-top
+  paths = []
+  for i, (values, scores) in enumerate((([0.1, 1.0], [0.5, 0.8]),
+                                        ([10.0], [0.6]))):
+    paths.append(tmp_path / f"r{i}.json")
+    schema.save(paths[-1], _sweep_run(values, scores))
+  out = tmp_path / "joined"
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert bench.main(["--from-results", *map(str, paths), "--merge",
+                       str(out), "--provenance", "ran on a busy machine"]) == 0
+  joined = schema.load(out / schema.RESULTS_FILE)
+  assert joined.optimizers["adam"].values == [0.1, 1.0, 10.0]
+  assert joined.provenance_notes == ["ran on a busy machine"]
+  text = (out / "results.md").read_text()
+  assert "- Provenance: ran on a busy machine" in text
+  assert "- values added (joined by --merge): `" in text

@@ -333,7 +333,9 @@ def merge_runs(base: schema.Run, more: schema.Run) -> schema.Run:
       optimizers=optimizers, complete=base.complete and more.complete,
       planned_optimizers=list(dict.fromkeys(base.planned_optimizers
                                             + more.planned_optimizers)),
-      wall_s=base.wall_s + more.wall_s))
+      wall_s=base.wall_s + more.wall_s,
+      provenance_notes=list(dict.fromkeys(base.provenance_notes
+                                          + more.provenance_notes))))
 
 
 def run_task(name: str, options, optimizers: Sequence[str],

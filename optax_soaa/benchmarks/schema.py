@@ -203,7 +203,8 @@ class Run:
   wall_s: float = 0.0
   # How the run came about, in words, where the records above cannot say
   # it (a machine's load, a package installed from a local clone).
-  provenance_notes: List[str] = dataclasses.field(default_factory=list)
+  provenance_notes: List[str] = dataclasses.field(
+      default_factory=list, metadata={"omit_empty": True})
   schema_version: int = SCHEMA_VERSION
 
   @property
@@ -247,7 +248,8 @@ def to_json_value(obj):
     return {f.name: to_json_value(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
             if not (getattr(obj, f.name) is None
-                    and f.metadata.get("omit_none"))}
+                    and f.metadata.get("omit_none"))
+            and not (f.metadata.get("omit_empty") and not getattr(obj, f.name))}
   if isinstance(obj, dict):
     return {k: to_json_value(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
