@@ -173,9 +173,14 @@ def plan_run(name: str, options, optimizers: Sequence[str],
   elif options.resume:
     log(f"--resume: no {path} yet; starting a new run")
 
-  values = {o: ([] if o in unavailable else [tuned[o][0]] if mode == "tuned"
-                else runner.values(opt_lib.REGISTRY[o]).tolist())
-            for o in optimizers}
+  def values_of(o):
+    if o in unavailable:
+      return []
+    if mode == "tuned":
+      return [tuned[o][0]]
+    return runner.values(opt_lib.REGISTRY[o]).tolist()
+
+  values = {o: values_of(o) for o in optimizers}
   same_settings = lambda o, r: r.hp == runner.recorded_hp(opt_lib.REGISTRY[o])
   old_results = previous.optimizers if previous else {}
   results, kept = {}, {}
@@ -183,8 +188,8 @@ def plan_run(name: str, options, optimizers: Sequence[str],
     # Kept only when it trained the same values with the same settings (a
     # changed sweep, tuned value or fixed setting trains again).
     old = old_results.get(o)
-    if old is not None and _same_values(old, values[o]) and same_settings(o,
-                                                                         old):
+    if (old is not None and _same_values(old, values[o])
+        and same_settings(o, old)):
       kept[o] = old
       if set(runner.seeds) <= set(old.seeds):
         results[o] = old
