@@ -169,11 +169,16 @@ def test_summary_rows_say_how_each_value_was_tuned_and_compare_to_adam():
       run.task, num_steps=run.task.num_steps * 5))
   picked = longer(_sweep_run([1.0], [0.9]))  # Adam at the sweep's pick
   other = longer(_sweep_run([1.0], [0.93], name="soaa"))
+  near = longer(_sweep_run([1.003], [0.85]))  # a factor typed 3 digits
   rows = summary.rows({"sweep": sweep, "pick": picked, "other": other})
   assert [(r.optimizer, r.run) for r in rows] == [("soaa", "other"),
                                                   ("adam", "pick")]
   assert rows[1].tuning == "pick of `sweep`"
   assert rows[0].tuning == "fixed value"
+  (row,) = summary.rows({"sweep": sweep, "near": near})
+  assert row.tuning == "pick of `sweep` (within 0.3 %)"
+  far = longer(_sweep_run([1.05], [0.85]))
+  assert summary.rows({"sweep": sweep, "far": far})[0].tuning == "fixed value"
   assert rows[0].delta == pytest.approx(0.03)
   table = summary.summary_table({"sweep": sweep, "pick": picked})
   assert "| (reference) |" in table and "`pick`" in table

@@ -46,19 +46,27 @@ class Row:
     return float(np.std(self.seeds, ddof=1)) if len(self.seeds) > 1 else 0.0
 
 
-def _close(a: float, b: Optional[float]) -> bool:
-  return b is not None and math.isclose(a, b, rel_tol=1e-6)
+# A value this close to a sweep's pick counts as that pick (a factor typed
+# with three digits, 3.16 for 10**0.5, differs from it by 0.07 %).
+NEAR_PICK = 0.01
+
+
+def _close(a: float, b: Optional[float], rel_tol: float = 1e-6) -> bool:
+  return b is not None and math.isclose(a, b, rel_tol=rel_tol)
 
 
 def _sweep_pick(runs: Dict[str, schema.Run], task: str, optimizer: str,
-                value: float) -> Optional[str]:
-  """The sweep run of `task` whose pick for `optimizer` is `value`."""
+                value: float) -> Optional[Tuple[str, float]]:
+  """(the sweep run of `task` whose pick for `optimizer` is nearest `value`,
+  their relative difference), when within NEAR_PICK."""
+  found = []
   for name, run in runs.items():
     r = run.optimizers.get(optimizer)
     if (run.task.name == task and not run.tuned and r is not None
-        and r.summarized and len(r.values) > 1 and _close(value, r.best_value)):
-      return name
-  return None
+        and r.summarized and len(r.values) > 1
+        and _close(value, r.best_value, NEAR_PICK)):
+      found.append((abs(value / r.best_value - 1), name))
+  return (min(found)[1], min(found)[0]) if found else None
 
 
 def tuning(runs: Dict[str, schema.Run], run: schema.Run,
@@ -72,10 +80,12 @@ def tuning(runs: Dict[str, schema.Run], run: schema.Run,
     return (f"best of its {len(r.values)}-value sweep"
             + (" (at the sweep's edge)" if r.at_sweep_edge else ""))
   picked = _PICKED.match(r.value_source or "")
-  sweep = _sweep_pick(runs, task.name, r.name, value)
-  if sweep is not None:
+  near = _sweep_pick(runs, task.name, r.name, value)
+  if near is not None:
+    sweep, apart = near
     edge = runs[sweep].optimizers[r.name].at_sweep_edge
-    return f"pick of `{sweep}`" + (" (at its edge)" if edge else "")
+    return (f"pick of `{sweep}`" + (" (at its edge)" if edge else "")
+            + (f" (within {100 * apart:.2g} %)" if apart > 1e-6 else ""))
   if picked:
     return (f"an earlier pick of `{picked.group(1)}` (it now picks another"
             " value)")
