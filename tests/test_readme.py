@@ -53,3 +53,10 @@ def test_readme_summary_table_is_the_tools_from_the_committed_results():
 
 def test_readme_is_a_newcomers_page():
   assert len(README.read_text().splitlines()) <= 220
+
+
+def test_readme_links_point_at_files_of_the_checkout():
+  targets = re.findall(r"\]\(([^)#:]+)\)", README.read_text())
+  assert targets
+  missing = [t for t in targets if not (README.parent / t).exists()]
+  assert not missing, missing
