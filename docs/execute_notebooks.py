@@ -40,10 +40,32 @@ def execute(name: str) -> pathlib.Path:
   with tempfile.TemporaryDirectory() as cwd:
     nbclient.NotebookClient(nb, kernel_name="python3", timeout=3600,
                             allow_errors=False).execute(cwd=cwd, env=env)
+    _without_machine_paths(nb, {str(ROOT): ".", cwd: "."})
   TARGET.mkdir(parents=True, exist_ok=True)
   out = TARGET / f"{name}.ipynb"
   nbformat.write(nb, out)
   return out
+
+
+def _without_machine_paths(nb, prefixes):
+  """Outputs with the checkout's and the scratch folder's paths relative.
+
+  A warning names the file that raised it, a notebook may print where it
+  read from: the committed copy must not name this machine's directories.
+  """
+  def clean(text):
+    for prefix, short in prefixes.items():
+      text = text.replace(prefix + "/", "" if short == "." else short + "/")
+      text = text.replace(prefix, short)
+    return text
+
+  for cell in nb.cells:
+    for output in cell.get("outputs", []):
+      if "text" in output:
+        output["text"] = clean(output["text"])
+      for key, value in output.get("data", {}).items():
+        if key.startswith("text/") and isinstance(value, str):
+          output["data"][key] = clean(value)
 
 
 def main(names):

@@ -60,7 +60,6 @@ TASK = "digits-mlp"
 EXTRA_BENCH_ARGS = os.environ.get("OPTAX_SOAA_BENCH_ARGS", "").split()
 
 # %%
-import json
 import shlex
 import subprocess
 import sys
@@ -70,6 +69,7 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from optax_soaa.benchmarks import report
+from optax_soaa.benchmarks import schema
 
 # %% [markdown]
 # ## Find the results, or make them
@@ -124,14 +124,19 @@ if results_path is None:
     raise RuntimeError("the benchmark failed:\n" + "".join(log[-40:]))
   results_path = out_dir / "results.json"
 
-payload = json.loads(results_path.read_text())
-env, task = payload["environment"], payload["task"]
-print(f"results: {results_path}")
-print(f"made by: {env['command']}")
-print(f"on:      {env['date']}, {env['machine']}, {env['device']}, "
-      f"jax {env['jax']}, optax {env['optax']}")
-print(f"task:    {task['name']}, {task['num_steps']} steps, batch "
-      f"{task['batch_size']}, seeds {payload['seeds']}")
+# The tool's typed results (schema.Run): it reads every version of the file.
+run = schema.load(results_path)
+env, task = run.environment, run.task
+_root = checkout_root()
+_shown = results_path.resolve()
+if _root is not None and _root in _shown.parents:
+  _shown = _shown.relative_to(_root)
+print(f"results: {_shown.as_posix()}")
+print(f"made by: {env.command}")
+print(f"on:      {env.date}, {env.machine}, {env.device}, "
+      f"jax {env.jax}, optax {env.optax}")
+print(f"task:    {task.name}, {task.num_steps} steps, batch "
+      f"{task.batch_size}, seeds {run.seeds}")
 
 # %% [markdown]
 # ## The table
@@ -142,13 +147,12 @@ print(f"task:    {task['name']}, {task['num_steps']} steps, batch "
 # and its update-step time and state memory relative to Adam's.
 
 # %%
-display(Markdown(report.results_table(payload)))
+display(Markdown("\n".join(report.table_rows(run))))
 
-ok = {name: r for name, r in payload["optimizers"].items()
-      if r.get("status") == "ok"}
-for name, r in payload["optimizers"].items():
+ok = {name: r for name, r in run.optimizers.items() if r.summarized}
+for name, r in run.optimizers.items():
   if name not in ok:
-    print(f"not plotted: {name}: {r.get('status')} ({r.get('reason')})")
+    print(f"not plotted: {name}: {r.status} ({r.reason})")
 
 # %% [markdown]
 # ## Learning curves
@@ -162,31 +166,31 @@ for name, r in payload["optimizers"].items():
 styles = {name: dict(color=f"C{i % 10}", ls=("-", "--", ":", "-.")[i % 4],
                      lw=2 if name == "adam" else 1.5)
           for i, name in enumerate(ok)}
-unit = "bits per byte" if task["kind"] == "lm" else "cross-entropy"
+unit = "bits per byte" if task.kind == "lm" else "cross-entropy"
 
 
 def best_curve(r, key):
   """Mean over seeds of the curve of the best sweep value (NaN = diverged)."""
-  i = r["best_index"]
+  i = r.best_index
   return np.nanmean([[np.nan if v is None or v[i] is None else v[i]
-                      for v in c[key]] for c in r["curves"]], axis=0)
+                      for v in getattr(c, key)] for c in r.curves], axis=0)
 
 
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
 for name, r in ok.items():
-  steps = np.asarray(r["curves"][0]["step"], float)
+  steps = np.asarray(r.curves[0].step, float)
   loss = best_curve(r, "test_loss")
-  label = f"{name} ({'kl' if r['swept'] == 'kl_bound' else 'lr'} {r['best_value']:.3g})"
+  label = f"{name} ({'kl' if r.swept == 'kl_bound' else 'lr'} {r.best_value:.3g})"
   axes[0].plot(steps, loss, **styles[name], label=label)
-  axes[1].plot(steps * r["step_time_s"], loss, **styles[name], label=label)
+  axes[1].plot(steps * r.timing.step_time_s, loss, **styles[name], label=label)
 for ax, xlabel in zip(axes, ("step", "seconds (steps x measured step time)")):
-  if payload.get("target_test_loss") is not None:
-    ax.axhline(payload["target_test_loss"], color="k", ls="--", lw=0.8)
+  if run.target_test_loss is not None:
+    ax.axhline(run.target_test_loss, color="k", ls="--", lw=0.8)
   ax.set(yscale="log", xlabel=xlabel)
   ax.grid(alpha=0.3, which="both")
 axes[0].set_ylabel(f"test {unit}")
 axes[0].legend(fontsize=8)
-fig.suptitle(f"{task['name']}: test loss at each optimizer's best value")
+fig.suptitle(f"{task.name}: test loss at each optimizer's best value")
 fig.tight_layout()
 plt.show()
 
@@ -202,9 +206,9 @@ plt.show()
 fig, ax = plt.subplots(figsize=(8, 4.5))
 for name, r in ok.items():
   vals = np.asarray([np.nan if v is None else v
-                     for v in r["final_per_value"]["test_loss"]], float)
-  ax.plot(r["factors"], vals, marker="o", ms=4, **styles[name], label=name)
-  ax.plot(r["factors"][r["best_index"]], vals[r["best_index"]], "o", ms=9,
+                     for v in r.final_per_value["test_loss"]], float)
+  ax.plot(r.factors, vals, marker="o", ms=4, **styles[name], label=name)
+  ax.plot(r.factors[r.best_index], vals[r.best_index], "o", ms=9,
           mfc="none", color=styles[name]["color"])
 ax.set(xscale="log", yscale="log", xlabel="sweep factor (x centre value)",
        ylabel=f"final test {unit}", title="step-size sweep (circled: best)")
@@ -227,14 +231,15 @@ fig, axes = plt.subplots(1, 3, figsize=(14, 0.45 * len(names) + 1.8),
                          sharey=True)
 y = np.arange(len(names))
 colors = [styles[n]["color"] for n in names]
-acc = [ok[n]["test_accuracy_mean"] for n in names]
-acc_sd = [ok[n]["test_accuracy_std"] or 0.0 for n in names]
+acc = [ok[n].test_accuracy_mean for n in names]
+acc_sd = [ok[n].test_accuracy_std or 0.0 for n in names]
 axes[0].barh(y, acc, xerr=acc_sd, color=colors)
 axes[0].set(xlim=(min(acc) - 0.05, 1.0), title="test accuracy (best value)")
-for ax, key, title in ((axes[1], "step_time_ratio", "update step time / Adam"),
-                       (axes[2], "state_bytes_ratio", "state memory / Adam")):
-  ax.barh(y, [np.nan if ok[n][key] is None else ok[n][key] for n in names],
-          color=colors)
+ratios = {"update step time / Adam": [ok[n].timing.step_time_ratio
+                                     for n in names],
+          "state memory / Adam": [ok[n].state_bytes_ratio for n in names]}
+for ax, (title, values) in zip(axes[1:], ratios.items()):
+  ax.barh(y, [np.nan if v is None else v for v in values], color=colors)
   ax.axvline(1.0, color="k", lw=0.8, ls="--")
   ax.set_title(title)
 axes[0].set_yticks(y, names)
@@ -254,18 +259,18 @@ plt.show()
 # which explain how to read them.
 
 # %%
-diagnostics = {name: r for name, r in ok.items() if r.get("diagnostic")}
+diagnostics = {name: r for name, r in ok.items() if r.diagnostic}
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
 for ax, diag in zip(axes, ("dt", "eta")):
   for name, r in diagnostics.items():
-    if r["diagnostic"] != diag:
+    if r.diagnostic != diag:
       continue
-    c, i = r["curves"][0], r["best_index"]
+    c, i = r.curves[0], r.best_index
     vals = np.asarray([np.nan if d is None else d[i]
-                       for d in c["diagnostic"]], float)
+                       for d in c.diagnostic], float)
     if diag == "eta":
       vals[vals <= 0] = np.nan  # eta is 0 before the first step; log axis
-    ax.plot(c["step"], vals, marker=".", **styles[name], label=name)
+    ax.plot(c.step, vals, marker=".", **styles[name], label=name)
   if ax.lines:
     ax.legend(fontsize=8)
   else:

@@ -14,9 +14,13 @@ import optax_soaa
 
 from optax_soaa import bench
 from optax_soaa.benchmarks import optimizers as opt_lib
+from optax_soaa.benchmarks import plans
 from optax_soaa.benchmarks import report
-from optax_soaa.benchmarks import runner as runner_lib
+from optax_soaa.benchmarks import schema
+from optax_soaa.benchmarks import summarize
 from optax_soaa.benchmarks import tasks as tasks_lib
+from optax_soaa.benchmarks import train as train_lib
+from optax_soaa.benchmarks.report import tables
 
 STEPS, FACTORS = 8, (0.5, 2.0)
 ARGS = ["--steps", str(STEPS), "--optimizers", "soaa-variance",
@@ -41,7 +45,8 @@ def results(run_dir):
 
 
 def test_results_json_environment_and_task(results):
-  env = results["environment"]
+  env = results["environments"][0]
+  assert results["schema_version"] == schema.SCHEMA_VERSION
   assert env["device"] == "CPU" or env["device"].startswith("GPU")
   assert env["jax"] == jax.__version__
   assert "--steps 8" in env["command"] and env["command"].startswith(
@@ -78,7 +83,7 @@ def test_results_json_curves(results, name):
   assert r["best_value"] == r["values"][r["best_index"]]
   assert r["final"]["test_loss"] == pytest.approx(
       test[-1, r["best_index"]], rel=1e-9)
-  assert r["step_time_s"] > 0 and r["step_time_ratio"] > 0
+  assert r["timing"]["step_time_s"] > 0 and r["timing"]["step_time_ratio"] > 0
   assert r["wall_s"] > curves["wall_s"] > 0
   assert r["execution"] == "sequential"  # auto, on the CPU
 
@@ -96,7 +101,7 @@ def test_results_json_measures_relative_to_adam(results):
   for r in (adam, soaa):
     if r["steps_to_target"] is not None:
       assert r["seconds_to_target"] == pytest.approx(
-          r["steps_to_target"] * r["step_time_s"])
+          r["steps_to_target"] * r["timing"]["step_time_s"])
 
 
 def test_soaa_dt_recorded_every_step_within_its_bounds(results):
@@ -115,7 +120,7 @@ def test_soaa_dt_recorded_every_step_within_its_bounds(results):
   upper = np.asarray(curves["dt_at_upper"])
   assert lower.shape == upper.shape == (STEPS // every, len(FACTORS))
   assert ((lower >= 0) & (upper >= 0) & (lower + upper <= 1 + 1e-9)).all()
-  side = runner_lib.clip_side(np.asarray(curves["per_step"]["dt"], np.float32),
+  side = summarize.clip_side(np.asarray(curves["per_step"]["dt"], np.float32),
                               np.asarray(ratio, np.float32))
   np.testing.assert_allclose(lower, (side == -1).reshape(-1, every, 2).mean(1))
   # Against SOAA's bounds (gamma 0.1, T = the run's steps): a step read as
@@ -136,7 +141,7 @@ def test_clip_side_tells_which_bound_acted():
   # step 1: 0.5 x 1 clipped up to 0.9; step 2: 2 x 0.9 unclipped; step 3:
   # 1 x 1.8 unclipped; step 4: 3 x 1.8 = 5.4 clipped down to 2.
   ratio = np.asarray([[0.5], [2.0], [1.0], [3.0]], np.float32)
-  np.testing.assert_array_equal(runner_lib.clip_side(dt, ratio)[:, 0],
+  np.testing.assert_array_equal(summarize.clip_side(dt, ratio)[:, 0],
                                 [-1, 0, 0, 1])
 
 
@@ -150,20 +155,22 @@ def test_markdown_table_written_and_printed(run_dir, results):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[5] == f"{r['final']['test_loss']:.4f}"
     assert cells[-1] == f"{r['state_bytes_ratio']:.2f}"
-  assert results["environment"]["command"] in md
+  assert results["environments"][0]["command"] in md
 
 
 def test_table_notes_a_timed_step_the_training_disagrees_with(results):
-  payload = json.loads(json.dumps(results))
-  r = payload["optimizers"]["soaa-variance"]
-  r["step_time_s"], r["train_step_s"] = 0.2, 0.2 * 1.2  # within 25 %
-  assert "its timing samples measured" not in report.results_table(payload)
-  r["train_step_s"] = 0.1  # trained at half the timed step
-  table = report.results_table(payload)
+  run = schema.Run.from_json(results)
+  r = run.optimizers["soaa-variance"]
+  r.timing.step_time_s, r.train_step_s = 0.2, 0.2 * 1.2  # within 25 %
+  assert "its timing samples measured" not in report.markdown_report(run)
+  r.train_step_s = 0.1  # trained at half the timed step
+  table = report.markdown_report(run)
   assert ("`soaa-variance`: its timing samples measured 0.2 s a step and its"
           " training 0.1 s a step") in table
-  r["step_time_s"], r["train_step_s"] = 0.002, 0.001  # dispatch-bound
-  assert "its timing samples measured" not in report.results_table(payload)
+  assert "Step ratio uncertain (see the record below): `soaa-variance`" in (
+      tables.compact_report(run, "x"))
+  r.timing.step_time_s, r.train_step_s = 0.002, 0.001  # dispatch-bound
+  assert "its timing samples measured" not in report.markdown_report(run)
 
 
 @pytest.mark.parametrize("name", report.PLOT_FILES)
@@ -176,9 +183,10 @@ def test_plots_are_real_images(run_dir, name):
 
 def test_benchmarks_md_from_results(run_dir, tmp_path, capsys):
   # --from-results trains nothing: it re-renders the table and plots beside
-  # the JSON and writes BENCHMARKS.md.
+  # the JSON and writes BENCHMARKS.md, and the full protocol page beside it.
   copy = tmp_path / "copy"
   copy.mkdir()
+  (tmp_path / "docs").mkdir()
   (copy / "results.json").write_text((run_dir[0] / "results.json").read_text())
   path = tmp_path / "BENCHMARKS.md"
   assert bench.main(["--from-results", str(copy / "results.json"),
@@ -188,33 +196,42 @@ def test_benchmarks_md_from_results(run_dir, tmp_path, capsys):
       run_dir[0] / "results.md").read_text()
   assert all((copy / name).stat().st_size > 1000 for name in report.PLOT_FILES)
   text = path.read_text()
-  assert text.startswith("# Benchmarks") and "## Protocol" in text
-  assert "inject_hyperparams" in text and "jax.vmap" in text
-  assert "### digits-mlp" in text and "| soaa-variance | lr |" in text
+  lines = text.splitlines()
+  assert lines[0] == "# Benchmarks"
+  first_table = next(i for i, l in enumerate(lines) if l.startswith("|"))
+  assert first_table < 30 and lines[first_table].startswith("| task: metric")
+  assert "## Protocol, in short" in text
+  assert "### copy (digits-mlp, sweep, 0.727 epochs)" in text
+  assert "| soaa-variance | lr |" in text
   assert "device: CPU" in text and "- Note: a caveat" in text
+  assert "<details>" in text
+  protocol = (tmp_path / report.PROTOCOL_PAGE).read_text()
+  assert "inject_hyperparams" in protocol and "jax.vmap" in protocol
   assert "| soaa-variance | lr |" in capsys.readouterr().out
 
 
 def test_partial_run_is_flagged_in_the_report(results):
-  partial = dict(results, complete=False,
-                 planned_optimizers=["adam", "soaa-variance", "sgd"])
+  run = schema.Run.from_json(results)
+  partial = dataclasses.replace(
+      run, complete=False, planned_optimizers=["adam", "soaa-variance", "sgd"])
   text = report.markdown_report(partial)
   assert "**partial run**" in text and "not run: sgd" in text
-  assert "partial" not in report.markdown_report(results)
+  assert "partial" not in report.markdown_report(run)
 
 
 def test_unavailable_optimizer_is_reported_not_raised():
   task = tasks_lib.make_task("digits-mlp", steps=4, factors=FACTORS)
-  runner = runner_lib.TaskRunner(task, progress=False)
+  runner = train_lib.TaskRunner(task, progress=False)
   spec = dataclasses.replace(opt_lib.REGISTRY["sgd"],
                              available=lambda: "not installed")
   r = runner.run(spec)
-  assert r["status"] == "unavailable" and r["reason"] == "not installed"
-  payload = dict(task=task.describe(), seeds=[0], optimizers={"sgd": r},
-                 target_test_loss=None)
-  table = report.results_table(payload)
-  assert "| sgd | learning_rate | unavailable |" in table
-  assert "`sgd`: unavailable: not installed" in table
+  assert r.status == "unavailable" and r.reason == "not installed"
+  run = schema.Run(
+      environments=[], task=schema.TaskInfo(**schema.clean(task.describe())),
+      mode="sweep", seeds=[0], execution="sequential", optimizers={"sgd": r},
+      complete=True, planned_optimizers=["sgd"])
+  assert "| sgd | learning_rate | unavailable |" in tables.table_rows(run)[2]
+  assert "`sgd`: unavailable: not installed" in tables.notes(run)
 
 
 def test_registry_covers_the_issue():
@@ -235,7 +252,7 @@ def test_grad_fn_passes_each_optimizers_extra_args():
   rng = jax.random.key(1)
 
   def probe(name, opt_state=None):
-    grad_fn = runner_lib.make_grad_fn(opt_lib.REGISTRY[name], task.loss_fn)
+    grad_fn = plans.make_grad_fn(opt_lib.REGISTRY[name], task.loss_fn)
 
     @jax.jit
     def f(params, opt_state):
@@ -300,7 +317,7 @@ def test_step_timing_spans_the_optimizers_cost_period():
   # kfac-jax's stochastic-training example refreshes inverses every 50.
   assert opt_lib.REGISTRY["kfac"].period({}) == 50
   task = tasks_lib.make_task("digits-mlp", steps=8)
-  runner = runner_lib.TaskRunner(task, progress=False, timing_pairs=1,
+  runner = train_lib.TaskRunner(task, progress=False, timing_pairs=1,
                                  timing_inner=3, min_sample_s=0.0)
   calls = []
 
@@ -314,8 +331,8 @@ def test_step_timing_spans_the_optimizers_cost_period():
   spec = dataclasses.replace(opt_lib.REGISTRY["sgd"], name="periodic",
                              period=lambda hp: 4)
   timing = runner.time_step(spec)
-  assert timing["cost_period"] == 4
-  assert timing["timing_inner_steps"] == 4  # 3 rounded up to the period
+  assert timing.cost_period == 4
+  assert timing.timing_inner_steps == 4  # 3 rounded up to the period
   assert ("periodic", 4) in calls and ("adam", 4) in calls
 
 

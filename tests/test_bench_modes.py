@@ -15,9 +15,13 @@ import pytest
 from optax_soaa import bench
 from optax_soaa.benchmarks import kfac_baseline
 from optax_soaa.benchmarks import optimizers as opt_lib
+from optax_soaa.benchmarks import record
 from optax_soaa.benchmarks import report
-from optax_soaa.benchmarks import runner as runner_lib
+from optax_soaa.benchmarks import schema
+from optax_soaa.benchmarks import summarize
 from optax_soaa.benchmarks import tasks as tasks_lib
+from optax_soaa.benchmarks import train as train_lib
+from optax_soaa.benchmarks.report import tables
 
 from tests.test_bench_data import _write_idx
 
@@ -31,7 +35,30 @@ def _main(args):
 
 
 def _load(out):
-  return json.loads((out / report.RESULTS_FILE).read_text())
+  return json.loads((out / schema.RESULTS_FILE).read_text())
+
+
+def _save(out, payload):
+  (out / schema.RESULTS_FILE).write_text(json.dumps(payload))
+
+
+def _md(payload):
+  return report.markdown_report(schema.Run.from_json(payload))
+
+
+# A timing for runs that do not measure one.
+TIMING = schema.Timing(step_time_ratio=1.0, step_time_s=1.0,
+                       adam_step_time_s=1.0, timing_pairs=1,
+                       timing_inner_steps=1, state_bytes=1, compile_s=0.0,
+                       timing_wall_s=0.0)
+
+
+def _summarized(task, results):
+  """A sweep run of `results` (name -> OptimizerResult), summarized."""
+  return summarize.summarize(schema.Run(
+      environments=[], task=schema.TaskInfo(**schema.clean(task.describe())),
+      mode="sweep", seeds=[0], execution="sequential", optimizers=results,
+      complete=True, planned_optimizers=list(results)))
 
 
 # -- resume ---------------------------------------------------------------------
@@ -40,13 +67,13 @@ def _load(out):
 def _record_training(monkeypatch):
   """The names of the optimizers trained from now on, in order."""
   trained = []
-  original = runner_lib.TaskRunner._train_seed
+  original = train_lib.TaskRunner._train_seed
 
   def train_seed(self, plan, spec, values, seed, bar):
     trained.append(spec.name)
     return original(self, plan, spec, values, seed, bar)
 
-  monkeypatch.setattr(runner_lib.TaskRunner, "_train_seed", train_seed)
+  monkeypatch.setattr(train_lib.TaskRunner, "_train_seed", train_seed)
   return trained
 
 
@@ -54,7 +81,7 @@ def test_stopped_run_keeps_finished_seeds_and_resume_skips_them(
     tmp_path, monkeypatch):
   out = tmp_path / "run"
   trained, stop = [], [True]
-  original = runner_lib.TaskRunner._train_seed
+  original = train_lib.TaskRunner._train_seed
 
   def train_seed(self, plan, spec, values, seed, bar):
     if spec.name == "sgd" and seed == 1 and stop:
@@ -63,7 +90,7 @@ def test_stopped_run_keeps_finished_seeds_and_resume_skips_them(
     trained.append((spec.name, seed))
     return original(self, plan, spec, values, seed, bar)
 
-  monkeypatch.setattr(runner_lib.TaskRunner, "_train_seed", train_seed)
+  monkeypatch.setattr(train_lib.TaskRunner, "_train_seed", train_seed)
   args = BASE + ["--optimizers", "sgd", "--seeds", "2", "--out", str(out)]
   with pytest.raises(KeyboardInterrupt):
     _main(args)
@@ -72,7 +99,7 @@ def test_stopped_run_keeps_finished_seeds_and_resume_skips_them(
   assert stopped["complete"] is False
   assert [c["seed"] for c in stopped["optimizers"]["adam"]["curves"]] == [0, 1]
   assert [c["seed"] for c in stopped["optimizers"]["sgd"]["curves"]] == [0]
-  assert "**partial run**" in report.markdown_report(stopped)
+  assert "**partial run**" in _md(stopped)
 
   trained.clear()
   assert _main(args + ["--resume"]) == 0
@@ -87,7 +114,7 @@ def test_stopped_run_keeps_finished_seeds_and_resume_skips_them(
   assert done["optimizers"]["adam"]["curves"] == (
       stopped["optimizers"]["adam"]["curves"])
   assert done["wall_s"] > stopped["wall_s"]
-  assert "resumed: `python -m optax_soaa.bench" in report.markdown_report(done)
+  assert "resumed: `python -m optax_soaa.bench" in _md(done)
 
 
 def test_resume_with_other_optimizers_keeps_the_finished_ones(
@@ -98,7 +125,7 @@ def test_resume_with_other_optimizers_keeps_the_finished_ones(
   # A stopped run (adamw planned, not run) that the resume completes.
   first["complete"], first["planned_optimizers"] = False, ["adam", "sgd",
                                                            "adamw"]
-  report.write_json(out / report.RESULTS_FILE, first)
+  _save(out, first)
   trained = _record_training(monkeypatch)
   _main(BASE + ["--optimizers", "adamw", "--out", str(out), "--resume"])
   assert trained == ["adamw"]
@@ -107,7 +134,7 @@ def test_resume_with_other_optimizers_keeps_the_finished_ones(
   assert done["planned_optimizers"] == ["adam", "sgd", "adamw"]
   assert done["optimizers"]["sgd"] == first["optimizers"]["sgd"]
   assert done["complete"] is True
-  assert "| sgd |" in report.markdown_report(done)
+  assert "| sgd |" in _md(done)
 
 
 def test_resume_trains_again_an_optimizer_whose_settings_changed(
@@ -117,7 +144,7 @@ def test_resume_trains_again_an_optimizer_whose_settings_changed(
   first = _load(out)
   # As if sgd had run with another fixed setting (a changed default).
   first["optimizers"]["sgd"]["hp"] = {"momentum": 0.5}
-  report.write_json(out / report.RESULTS_FILE, first)
+  _save(out, first)
   trained = _record_training(monkeypatch)
   _main(BASE + ["--optimizers", "sgd", "--out", str(out), "--resume"])
   assert trained == ["sgd"]  # adam's settings did not change: kept
@@ -125,7 +152,7 @@ def test_resume_trains_again_an_optimizer_whose_settings_changed(
   # Not named again: kept as it ran, and the console says so.
   again = _load(out)
   again["optimizers"]["sgd"]["hp"] = {"momentum": 0.5}
-  report.write_json(out / report.RESULTS_FILE, again)
+  _save(out, again)
   capsys.readouterr()
   _main(BASE + ["--optimizers", "adamw", "--out", str(out), "--resume"])
   assert "--resume: sgd is kept as it ran" in capsys.readouterr().err
@@ -154,7 +181,7 @@ def test_tuned_mode_takes_the_sweeps_picked_values(tmp_path, monkeypatch):
   monkeypatch.setitem(opt_lib.REGISTRY, "kfac", dataclasses.replace(
       opt_lib.REGISTRY["kfac"], available=lambda: "not installed here"))
   _main(BASE + ["--optimizers", "soaa", "kfac", "--tuned", "--seeds", "2",
-                "--tuned-from", str(sweep / report.RESULTS_FILE),
+                "--tuned-from", str(sweep / schema.RESULTS_FILE),
                 "--out", str(tuned)])
   picked, got = _load(sweep), _load(tuned)
   assert got["optimizers"]["kfac"]["status"] == "unavailable"
@@ -165,7 +192,7 @@ def test_tuned_mode_takes_the_sweeps_picked_values(tmp_path, monkeypatch):
     assert "picked by the sweep" in r["value_source"]
     assert len(r["curves"]) == 2
     assert np.asarray(r["curves"][0]["test_loss"]).shape[1] == 1
-  md = report.markdown_report(got)
+  md = _md(got)
   assert "mode: **tuned**" in md and "| tuned value |" in md
   assert "mean ± sd (n=2)" in md
 
@@ -177,7 +204,7 @@ def test_tuned_value_source_names_the_invocation_that_picked_it(tmp_path):
   results = _load(sweep)
   assert [results["optimizers"][o]["environment_index"]
           for o in ("adam", "soaa", "sgd")] == [0, 0, 1]
-  path = str(sweep / report.RESULTS_FILE)
+  path = str(sweep / schema.RESULTS_FILE)
   task = tasks_lib.make_task("digits-mlp", steps=8)
   got = bench.tuned_values(task, ["soaa", "sgd"], path)
   assert "--optimizers soaa" in got["soaa"][1]
@@ -185,7 +212,7 @@ def test_tuned_value_source_names_the_invocation_that_picked_it(tmp_path):
   # A results file that does not record it says so instead of guessing.
   for r in results["optimizers"].values():
     del r["environment_index"]
-  report.write_json(sweep / report.RESULTS_FILE, results)
+  _save(sweep, results)
   got = bench.tuned_values(task, ["sgd"], path)
   assert "run over 2 invocations" in got["sgd"][1]
   assert "not recorded" in got["sgd"][1]
@@ -253,39 +280,35 @@ def test_adafisher_refresh_period_per_task(tmp_path):
 def test_vmapped_and_sequential_plans_agree():
   task = tasks_lib.make_task("digits-mlp", steps=4, factors=(0.5, 2.0))
   spec = opt_lib.REGISTRY["soaa-variance"]
-  timing = dict(step_time_s=1.0, step_time_ratio=1.0, state_bytes=1,
-                timing_wall_s=0.0)
   out = {}
   for execution in ("vmap", "sequential"):
-    runner = runner_lib.TaskRunner(task, progress=False, execution=execution)
-    out[execution] = runner.run(spec, timing=timing)
-    assert out[execution]["status"] == "ok", out[execution].get("reason")
-  a, b = (out[k]["curves"][0] for k in ("vmap", "sequential"))
+    runner = train_lib.TaskRunner(task, progress=False, execution=execution)
+    out[execution] = runner.run(spec, timing=TIMING)
+    assert out[execution].status == "ok", out[execution].reason
+  a, b = (out[k].curves[0] for k in ("vmap", "sequential"))
   for key in ("test_loss", "train_accuracy", "batch_loss"):
-    np.testing.assert_allclose(np.asarray(a[key][1:], np.float64),
-                               np.asarray(b[key][1:], np.float64), rtol=2e-4)
-  np.testing.assert_allclose(a["per_step"]["dt"], b["per_step"]["dt"],
-                             rtol=2e-4)
-  assert runner_lib.resolve_execution("auto", "cpu") == "sequential"
-  assert runner_lib.resolve_execution("auto", "gpu") == "vmap"
+    np.testing.assert_allclose(np.asarray(getattr(a, key)[1:], np.float64),
+                               np.asarray(getattr(b, key)[1:], np.float64),
+                               rtol=2e-4)
+  np.testing.assert_allclose(a.per_step["dt"], b.per_step["dt"], rtol=2e-4)
+  assert train_lib.resolve_execution("auto", "cpu") == "sequential"
+  assert train_lib.resolve_execution("auto", "gpu") == "vmap"
   with pytest.raises(ValueError, match="execution"):
-    runner_lib.resolve_execution("fast")
+    train_lib.resolve_execution("fast")
 
 
 def test_arturo_eta_and_bisection_steps_recorded():
   task = tasks_lib.make_task("digits-mlp", steps=4, factors=(1.0,))
-  runner = runner_lib.TaskRunner(task, progress=False)
-  r = runner.run(opt_lib.REGISTRY["arturo"], timing=dict(
-      step_time_s=1.0, step_time_ratio=1.0, state_bytes=1, timing_wall_s=0.0))
-  per_step = r["curves"][0]["per_step"]
+  runner = train_lib.TaskRunner(task, progress=False)
+  r = runner.run(opt_lib.REGISTRY["arturo"], timing=TIMING)
+  per_step = r.curves[0].per_step
   eta = np.asarray(per_step["eta"])
   steps = np.asarray(per_step["bisection_steps"])
   assert eta.shape == steps.shape == (4, 1)
   assert (eta > 0).all() and (steps >= 0).all()
   np.testing.assert_array_equal(steps, np.round(steps))
-  payload = dict(mode="sweep", seeds=[0], optimizers={"arturo": r})
-  runner_lib.summarize(payload["optimizers"], task)
-  assert "`arturo` took" in report.diagnostics_summary(payload)
+  run = _summarized(task, {"arturo": r})
+  assert "`arturo` took" in report.diagnostics_summary(run)
 
 
 # -- K-FAC ------------------------------------------------------------------------
@@ -400,8 +423,8 @@ def test_kfac_unavailable_when_not_installed(monkeypatch):
     reason = opt_lib.REGISTRY["kfac"].available()
     assert "kfac-jax is not installed" in reason and "`kfac` extra" in reason
     task = tasks_lib.make_task("digits-mlp", steps=4)
-    r = runner_lib.TaskRunner(task, progress=False).run(opt_lib.REGISTRY["kfac"])
-    assert r["status"] == "unavailable" and r["reason"] == reason
+    r = train_lib.TaskRunner(task, progress=False).run(opt_lib.REGISTRY["kfac"])
+    assert r.status == "unavailable" and r.reason == reason
   finally:
     kfac_baseline.unavailable_reason.cache_clear()
 
@@ -414,13 +437,13 @@ def test_kfac_runs_through_its_own_optimizer_api(monkeypatch):
     assert opt_lib.REGISTRY["kfac"].available() is None
     task = tasks_lib.make_task("digits-mlp", steps=8, factors=(1.0, 4.0))
     task.milestones = (4,)
-    runner = runner_lib.TaskRunner(task, progress=False, timing_pairs=1)
+    runner = train_lib.TaskRunner(task, progress=False, timing_pairs=1)
     fake.calls.clear()
     r = runner.run(opt_lib.REGISTRY["kfac"])
   finally:
     kfac_baseline.unavailable_reason.cache_clear()
-  assert r["status"] == "ok", r.get("reason")
-  assert r["execution"] == "sequential"
+  assert r.status == "ok", r.reason
+  assert r.execution == "sequential"
   # On the CPU, kfac-jax's conv blocks get their input factor from explicit
   # patches (kfac_baseline's docstring says why).
   assert issubclass(fake.block_ctors["conv2d"], fake.Conv2DTwoKroneckerFactored)
@@ -436,7 +459,7 @@ def test_kfac_runs_through_its_own_optimizer_api(monkeypatch):
   assert [s[1] for s in trained[:8]] == list(range(8))
   assert len(members) >= 2
   assert fake.registered[0][2] == 1.0  # classification: weight 1
-  test = np.asarray(r["curves"][0]["test_loss"], np.float64)
+  test = np.asarray(r.curves[0].test_loss, np.float64)
   assert test.shape == (5, 2) and (test[-1] < test[0]).all()
   # kfac-jax's stochastic-training example: fixed damping given every step,
   # a norm constraint, the slow curvature average; all recorded.
@@ -447,16 +470,15 @@ def test_kfac_runs_through_its_own_optimizer_api(monkeypatch):
   assert fake.kwargs["inverse_update_period"] == settings[
       "inverse_update_period"]
   np.testing.assert_allclose(fake.dampings, settings["damping"])
-  assert r["hp"]["norm_constraint"] == settings["norm_constraint"]
-  per_step = r["curves"][0]["per_step"]
+  assert r.hp["norm_constraint"] == settings["norm_constraint"]
+  per_step = r.curves[0].per_step
   assert np.asarray(per_step["damping"]).shape == (8, 2)
   scale = np.asarray(per_step["norm_scale"], np.float64)
   assert scale.shape == (8, 2) and (scale <= 1).all() and (scale > 0).all()
-  payload = dict(mode="sweep", seeds=[0], optimizers={"kfac": r})
-  runner_lib.summarize(payload["optimizers"], task)
-  want = report._percent(  # pylint: disable=protected-access
-      100 * np.mean(scale[:, r["best_index"]] < 1 - 1e-6))
-  summary = report.diagnostics_summary(payload)
+  run = _summarized(task, {"kfac": r})
+  want = tables._percent(  # pylint: disable=protected-access
+      100 * np.mean(scale[:, r.best_index] < 1 - 1e-6))
+  summary = report.diagnostics_summary(run)
   assert (f"`kfac`'s norm constraint shortened the step on {want} % of"
           " steps") in summary
 
@@ -467,10 +489,10 @@ def test_real_kfac_trains_digits():
   if reason is not None:
     pytest.skip(reason)
   task = tasks_lib.make_task("digits-mlp", steps=4, factors=(1.0,))
-  r = runner_lib.TaskRunner(task, progress=False, timing_pairs=1).run(
+  r = train_lib.TaskRunner(task, progress=False, timing_pairs=1).run(
       opt_lib.REGISTRY["kfac"])
-  assert r["status"] == "ok", r.get("reason")
-  test = np.asarray(r["curves"][0]["test_loss"], np.float64)
+  assert r.status == "ok", r.reason
+  test = np.asarray(r.curves[0].test_loss, np.float64)
   assert np.isfinite(test).all()
 
 
@@ -497,18 +519,20 @@ def test_results_record_which_kfac_jax_ran(monkeypatch, direct_url, expected):
   dist = types.SimpleNamespace(
       version="0.0.8",
       read_text=lambda name: direct_url if name == "direct_url.json" else None)
-  monkeypatch.setattr(report.importlib.metadata, "distribution",
+  monkeypatch.setattr(record.importlib.metadata, "distribution",
                       lambda name: dist)
-  env = report.environment(["bench"])
-  assert env["kfac_jax"] == expected
+  env = record.environment(["bench"])
+  assert env.kfac_jax == expected
 
 
 def test_results_without_kfac_jax_do_not_name_it(monkeypatch):
   def missing(name):
-    raise report.importlib.metadata.PackageNotFoundError(name)
+    raise record.importlib.metadata.PackageNotFoundError(name)
 
-  monkeypatch.setattr(report.importlib.metadata, "distribution", missing)
-  assert "kfac_jax" not in report.environment(["bench"])
+  monkeypatch.setattr(record.importlib.metadata, "distribution", missing)
+  env = record.environment(["bench"])
+  assert env.kfac_jax is None
+  assert "kfac_jax" not in schema.to_json_value(env)
 
 
 def test_recorded_commit_is_modified_only_by_the_package(tmp_path):
@@ -531,12 +555,12 @@ def test_recorded_commit_is_modified_only_by_the_package(tmp_path):
   git("add", ".")
   git("commit", "-qm", "init")
   head = git("rev-parse", "--short", "HEAD")
-  orig = report.__file__
+  orig = record.ROOT
   try:
-    report.__file__ = str(fake_report)
+    record.ROOT = repo
     (repo / "results" / "r.json").write_text('{"a": 1}\n')
-    assert report._git_commit() == head
+    assert record.git_commit() == head
     fake_report.write_text("# changed\n")
-    assert report._git_commit() == head + "+modified"
+    assert record.git_commit() == head + "+modified"
   finally:
-    report.__file__ = orig
+    record.ROOT = orig

@@ -86,6 +86,11 @@ SETTINGS = dict(
 )
 
 
+def import_kfac_jax():
+  """kfac_jax itself (ImportError when it is not installed)."""
+  return _import()
+
+
 def _import():
   return importlib.import_module(MODULE)
 

@@ -59,6 +59,13 @@ class OptimizerSpec:
   # each timing sample spans a whole period, so the measured step time is
   # the mean cost of a training step, not that of the cheap steps.
   period: Callable[[Mapping[str, Any]], int] = lambda hp: 1
+  # The key of its fixed hyperparameters in a task's `hp` (SOAA's two
+  # curvatures share "soaa"); default: its name.
+  hp_key: str = ""
+
+  def __post_init__(self):
+    if not self.hp_key:
+      object.__setattr__(self, "hp_key", self.name)
 
   @property
   def swept(self) -> str:
@@ -164,7 +171,7 @@ REGISTRY: Dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "soaa-variance", "adam", _soaa("variance"), frozenset({VALUE}),
             "dt", "optax_soaa.soaa(curvature='variance'), value=loss",
-            step_diagnostics=SOAA_STEP_DIAGNOSTICS),
+            step_diagnostics=SOAA_STEP_DIAGNOSTICS, hp_key="soaa"),
         OptimizerSpec(
             "arturo", "kl", _arturo, diagnostic="eta",
             description="optax_soaa.arturo; swept: kl_bound",

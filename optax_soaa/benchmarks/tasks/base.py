@@ -1,8 +1,8 @@
-"""Benchmark tasks: data, model, loss, evaluation sets and fixed hyperparameters."""
+"""What every benchmark task is: the `Task` record, its batches, shared settings."""
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -10,10 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_soaa.benchmarks import data as data_lib
-from optax_soaa.benchmarks import models
-
-TASKS = ("digits-mlp", "fmnist-cnn", "lm")
 
 # Tuned Fashion-MNIST CNN hyperparameters of the arTuRO authors' repository
 # (ALRhub/arturo, experiments/hyperparameter_configs/<optimizer>/fmnist_cnn.yml).
@@ -37,7 +33,7 @@ SGD_FMNIST = dict(lr=0.07104941466307176, momentum=0.8657299202128064,
                   weight_decay=0.0002247076258274683)
 # Step-schedule factors of the same configs (multi_step_lr_gamma).
 GAMMA_BASELINE, GAMMA_ARTURO = 0.1, 0.006
-_ARTURO_REPO = "ALRhub/arturo experiments/hyperparameter_configs"
+ARTURO_REPO = "ALRhub/arturo experiments/hyperparameter_configs"
 # Step-schedule milestones of the arTuRO protocol, as fractions of training
 # (epochs 60 and 90 of 120).
 MILESTONE_FRACTIONS = (1 / 2, 3 / 4)
@@ -197,7 +193,7 @@ class BatchSampler:
     return np.stack(out).astype(np.int32)
 
 
-def _round_up(n: int, k: int) -> int:
+def round_up(n: int, k: int) -> int:
   return max(k, int(math.ceil(n / k)) * k)
 
 
@@ -205,7 +201,7 @@ DEFAULT_FACTORS = (0.1, 10**-0.5, 1.0, 10**0.5, 10.0)
 QUICK_FACTORS = (0.1, 10**-0.5, 1.0, 10**0.5)
 
 
-def _common_hp(adam: Mapping[str, Any], adamw: Mapping[str, Any],
+def common_hp(adam: Mapping[str, Any], adamw: Mapping[str, Any],
                sgd: Mapping[str, Any],
                adafisher: Mapping[str, Any] = ()) -> Dict[str, Dict[str, Any]]:
   return {
@@ -223,7 +219,7 @@ def _common_hp(adam: Mapping[str, Any], adamw: Mapping[str, Any],
   }
 
 
-def _length(steps: Optional[int], epochs: Optional[float],
+def train_length(steps: Optional[int], epochs: Optional[float],
             steps_per_epoch: int, default: int) -> int:
   """Training steps from --steps or --epochs (not both), else `default`."""
   if steps is not None and epochs is not None:
@@ -239,7 +235,7 @@ def _length(steps: Optional[int], epochs: Optional[float],
   return default
 
 
-def _epoch_eval_every(num_steps: int, steps_per_epoch: int) -> int:
+def epoch_eval_every(num_steps: int, steps_per_epoch: int) -> int:
   """Evaluation interval of an --epochs run: once per epoch, or, in a run of
   fewer than four epochs, the largest divisor of its length giving at least
   four evaluations (the run keeps its exact length)."""
@@ -252,167 +248,3 @@ def _epoch_eval_every(num_steps: int, steps_per_epoch: int) -> int:
 def milestones_at_fractions(num_steps: int) -> Tuple[int, ...]:
   """The arTuRO protocol's step-schedule milestones, scaled to `num_steps`."""
   return tuple(int(round(num_steps * f)) for f in MILESTONE_FRACTIONS)
-
-
-def digits_mlp(quick: bool = False, steps: Optional[int] = None,
-               factors: Optional[Sequence[float]] = None,
-               epochs: Optional[float] = None, **_) -> Task:
-  split = data_lib.load_digits_split()
-  batch = 128
-  steps_per_epoch = split.x_train.shape[0] // batch
-  num_steps = _length(steps, epochs, steps_per_epoch, 300 if quick else 1000)
-  if epochs is not None:
-    eval_every = _epoch_eval_every(num_steps, steps_per_epoch)
-  else:
-    eval_every = 25 if num_steps >= 100 else max(1, num_steps // 4)
-  num_steps = _round_up(num_steps, eval_every)
-  return Task(
-      name="digits-mlp", kind="classify", model=models.MLP(),
-      example_input=split.x_train[:1],
-      train_x=split.x_train, train_y=split.y_train,
-      eval_sets={"train": (split.x_train, split.y_train),
-                 "test": (split.x_test, split.y_test)},
-      batch_size=batch, num_steps=num_steps, eval_every=eval_every,
-      centers={"adam": 1e-3, "sgd": 0.1, "kl": ARTURO_FMNIST["kl_bound"]},
-      factors=tuple(factors or (QUICK_FACTORS if quick else DEFAULT_FACTORS)),
-      hp=_common_hp({}, {}, {"momentum": 0.9}),
-      steps_per_epoch=steps_per_epoch,
-      notes=("MLP 64-128-128-10 (ReLU) on sklearn load_digits, stratified"
-             " 80/20 split (random_state=0), batch 128, constant step size;"
-             " optimizer defaults except the swept value; arTuRO uses the"
-             " Fashion-MNIST tuned configuration (the only tuned one).",),
-  )
-
-
-def fmnist_cnn(quick: bool = False, steps: Optional[int] = None,
-               factors: Optional[Sequence[float]] = None,
-               data_dir: Optional[str] = None,
-               epochs: Optional[float] = None, **_) -> Task:
-  split = data_lib.load_fashion_mnist(data_dir)
-  batch = 255
-  rng = np.random.default_rng(1234)
-  if quick:
-    # Scaled-down protocol that fits minutes on a 2-core CPU (about 5
-    # GFLOP per training step at batch 255): 8 batches per epoch (2,040
-    # training images), 2 epochs, milestones at the same fractions (1/2,
-    # 3/4) of training.
-    train_idx = rng.permutation(split.x_train.shape[0])[: 8 * batch]
-    default_epochs, eval_train, eval_test = 2, 250, 500
-  else:
-    train_idx = np.arange(split.x_train.shape[0])
-    default_epochs, eval_train, eval_test = 120, 10_000, split.x_test.shape[0]
-  x_train, y_train = split.x_train[train_idx], split.y_train[train_idx]
-  steps_per_epoch = x_train.shape[0] // batch
-  num_steps = _length(steps, epochs, steps_per_epoch,
-                      default_epochs * steps_per_epoch)
-  # Evaluated once per epoch, as the authors' script does (at least four
-  # times in a shorter run).
-  if epochs is not None:
-    eval_every = _epoch_eval_every(num_steps, steps_per_epoch)
-  else:
-    eval_every = min(steps_per_epoch, max(1, num_steps // 4))
-  num_steps = _round_up(num_steps, eval_every)
-  milestones = milestones_at_fractions(num_steps)
-  train_eval_idx = rng.permutation(x_train.shape[0])[:eval_train]
-  test_idx = rng.permutation(split.x_test.shape[0])[:eval_test]
-  return Task(
-      name="fmnist-cnn", kind="classify", model=models.FashionCNN(),
-      example_input=split.x_train[:1],
-      train_x=x_train, train_y=y_train,
-      eval_sets={"train": (x_train[train_eval_idx], y_train[train_eval_idx]),
-                 "test": (split.x_test[test_idx], split.y_test[test_idx])},
-      batch_size=batch, num_steps=num_steps, eval_every=eval_every,
-      centers={"adam": ADAM_FMNIST["lr"], "sgd": SGD_FMNIST["lr"],
-               "kl": ARTURO_FMNIST["kl_bound"]},
-      factors=tuple(factors or QUICK_FACTORS),
-      hp=_common_hp(
-          {"b1": ADAM_FMNIST["b1"], "b2": ADAM_FMNIST["b2"]},
-          {k: v for k, v in ADAMW_FMNIST.items() if k != "lr"},
-          {k: v for k, v in SGD_FMNIST.items() if k != "lr"}),
-      milestones=milestones, select_by="test_accuracy",
-      steps_per_epoch=steps_per_epoch,
-      tuned={
-          "adam": (ADAM_FMNIST["lr"], f"{_ARTURO_REPO}/adam/fmnist_cnn.yml"),
-          "adamw": (ADAMW_FMNIST["lr"],
-                    f"{_ARTURO_REPO}/adamw/fmnist_cnn.yml"),
-          "sgd": (SGD_FMNIST["lr"], f"{_ARTURO_REPO}/sgd/fmnist_cnn.yml"),
-          "arturo": (ARTURO_FMNIST["kl_bound"],
-                     f"{_ARTURO_REPO}/arturo/fmnist_cnn.yml"),
-      },
-      notes=(
-          "arTuRO paper protocol (ALRhub/arturo): CNN 3x(3x3 conv 32/64/128,"
-          " ReLU, VALID), max-pool after the first two, dropout 0.2 after each"
-          " conv block, Dense 256 + dropout 0.5, Dense 10; pixels / 255;"
-          " batch 255 (last partial batch of an epoch dropped); step schedule"
-          " at 1/2 and 3/4 of training (the paper: epochs 60 and 90 of 120):"
-          " x0.1 for every learning rate, x0.006 for arTuRO's kl_bound.",
-          "Tuned hyperparameters of the authors' repository for Adam, AdamW,"
-          " SGD-momentum and arTuRO; the others use their defaults with"
-          " Adam's tuned learning rate as the sweep centre.",
-          ("--quick (a smoke-scale run, not the paper's protocol): 2,040"
-           " training images (8 batches/epoch), 2 epochs, evaluation on 250"
-           " train and 500 test images."
-           if quick else f"Full training set ({x_train.shape[0]:,} images,"
-           f" {steps_per_epoch} batches/epoch); train metrics on a fixed"
-           f" {eval_train:,}-image subset of it; test metrics on all"
-           f" {split.x_test.shape[0]:,} test images."),
-      ),
-  )
-
-
-def lm(quick: bool = False, steps: Optional[int] = None,
-       factors: Optional[Sequence[float]] = None,
-       text_file: Optional[str] = None, epochs: Optional[float] = None,
-       **_) -> Task:
-  if epochs is not None:
-    raise ValueError("epochs applies to the classification tasks; give lm"
-                     " --steps")
-  if quick:
-    width, layers, heads, seq_len, batch = 64, 2, 4, 64, 16
-    max_bytes, default_steps, n_eval = 1_000_000, 200, 32
-  else:
-    width, layers, heads, seq_len, batch = 128, 2, 4, 128, 32
-    max_bytes, default_steps, n_eval = 4_000_000, 1000, 128
-  tokens = data_lib.lm_byte_splits(text_file, max_bytes=max_bytes)
-  num_steps = _length(steps, None, 1, default_steps)
-  eval_every = 25 if num_steps >= 100 else max(1, num_steps // 4)
-  num_steps = _round_up(num_steps, eval_every)
-
-  def windows(stream, n):
-    starts = np.linspace(0, stream.size - seq_len - 2, n).astype(np.int64)
-    pos = starts[:, None] + np.arange(seq_len)[None, :]
-    return stream[pos].astype(np.int32), stream[pos + 1].astype(np.int32)
-
-  model = models.TransformerLM(width=width, num_layers=layers,
-                               num_heads=heads, max_len=seq_len)
-  source = text_file or "Python standard library .py sources"
-  return Task(
-      name="lm", kind="lm", model=model,
-      example_input=np.zeros((1, seq_len), np.int32),
-      train_x=tokens["train"], train_y=None,
-      eval_sets={"train": windows(tokens["train"], n_eval),
-                 "test": windows(tokens["val"], n_eval)},
-      batch_size=batch, num_steps=num_steps, eval_every=eval_every,
-      centers={"adam": 3e-3, "sgd": 0.3, "kl": ARTURO_FMNIST["kl_bound"]},
-      factors=tuple(factors or QUICK_FACTORS),
-      hp=_common_hp({}, {}, {"momentum": 0.9},
-                    {"stats_every": ADAFISHER_LM_STATS_EVERY}),
-      seq_len=seq_len, eval_chunk=32,
-      notes=(
-          f"Byte-level decoder-only transformer (width {width}, {layers}"
-          f" pre-LayerNorm blocks, {heads} heads, context {seq_len}) on"
-          f" {source}; {tokens['train'].size:,} training bytes, held-out"
-          f" {tokens['val'].size:,} bytes (every 10th file). Batch {batch}"
-          " random windows, constant step size. 'test' = held-out split;"
-          " loss reported in bits per byte.",),
-  )
-
-
-BUILDERS: Dict[str, Callable[..., Task]] = {
-    "digits-mlp": digits_mlp, "fmnist-cnn": fmnist_cnn, "lm": lm}
-
-
-def make_task(name: str, **kwargs) -> Task:
-  if name not in BUILDERS:
-    raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
-  return BUILDERS[name](**kwargs)
