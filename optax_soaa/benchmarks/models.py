@@ -1,8 +1,8 @@
 """Flax Linen models of the benchmark tasks.
 
-Every layer that carries a kernel is a plain ``nn.Dense`` or ``nn.Conv`` so
-that AdaFisher's statistics helper (which intercepts those two) covers the
-whole model except embeddings and LayerNorms.
+Plain Flax layers (``nn.Dense``, ``nn.Conv``, ``nn.Embed``, ``nn.LayerNorm``,
+a learned position table): AdaFisher's statistics collector covers every
+parameter of each model.
 """
 
 from typing import Sequence

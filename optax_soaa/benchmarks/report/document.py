@@ -73,7 +73,12 @@ the [benchmarks page](benchmarks.md) (BENCHMARKS.md), the summary first.
   image classification) and every {lm_stats_every} steps on `lm` (the default
   of the authors' language-model script), with the statistics computed only
   on those steps (`optax_soaa.value_grad_and_stats` with
-  `stats_due=optax_soaa.stats_due(state)`, LayerNorms included);
+  `stats_due=optax_soaa.stats_due(state)`) for every parameter: on `lm`
+  the token and position embeddings and the LayerNorms too (28 of 28
+  leaves). The authors never trained an embedding (their language model
+  freezes its pretrained token and position tables and the tied head); this
+  benchmark's AdaFisher rows before commit 87ccb56 left the embeddings on
+  the fallback, 1000 times smaller steps (2.98 test bits/byte on `lm-2000`);
   AdaFisherW uses AdamW's weight decay; SGD's weight decay is coupled (L2),
   as in PyTorch.
 - **Two modes; each run's table names its mode.** *Sweep*: each optimizer
