@@ -11,6 +11,7 @@ from optax_soaa._src.layer_stats.sites import Matching
 from optax_soaa._src.layer_stats.sites import Site
 from optax_soaa._src.layer_stats.views import axis_size
 from optax_soaa._src.layer_stats.views import block_relayout
+from optax_soaa._src.layer_stats.views import leaf_coords
 from optax_soaa._src.layer_stats.views import mean_over_repeats
 from optax_soaa._src.layer_stats.views import PView
 from optax_soaa._src.layer_stats.views import roles_to_layout
@@ -132,10 +133,8 @@ def bias_map(m: Matching, y_view, bv: PView, y_shape, out_dims, kv):
     pos = np.zeros(n_out, np.int64)
     for a in y_atoms:
       pos = pos * a.size + (y_coord[a.axis] // a.stride) % a.size
-    for a in reversed(b_atoms):
-      comp, pos = pos % a.size, pos // a.size
-      if a.src is not None:
-        b_coord[a.axis] += comp * a.stride
+    for axis, coord in leaf_coords(pos, b_atoms):
+      b_coord[axis] += coord
   layout = vector_layout(b_shape, bv)
   stack_axes, in_axes, out_axes = layout
   out_shape = tuple(b_shape[a] for a in out_axes)

@@ -37,6 +37,7 @@ from optax_soaa._src.layer_stats.sites import Site
 from optax_soaa._src.layer_stats.types import LayerLayout
 from optax_soaa._src.layer_stats.views import IDENTITY_LAYOUT
 from optax_soaa._src.layer_stats.views import LAYOUT_PRIMITIVES
+from optax_soaa._src.layer_stats.views import leaf_coords
 from optax_soaa._src.layer_stats.views import mean_over_repeats
 
 _KIND = "embedding"
@@ -103,13 +104,10 @@ def _view_index(pv, shape, leaf_shape) -> np.ndarray:
   """The flat leaf index of each element of a value of `shape` seen as `pv`."""
   coords = [np.zeros(shape, np.int64) for _ in leaf_shape]
   for i, atoms in enumerate(pv.axes):
-    pos = np.arange(shape[i])
-    for a in reversed(atoms):  # inner first
-      comp, pos = pos % a.size, pos // a.size
-      if a.src is not None:
-        idx = [np.newaxis] * len(shape)
-        idx[i] = slice(None)
-        coords[a.axis] = coords[a.axis] + (comp * a.stride)[tuple(idx)]
+    idx = [np.newaxis] * len(shape)
+    idx[i] = slice(None)
+    for axis, coord in leaf_coords(np.arange(shape[i]), atoms):
+      coords[axis] = coords[axis] + coord[tuple(idx)]
   return np.ravel_multi_index(tuple(np.broadcast_to(c, shape) for c in coords), leaf_shape)
 
 

@@ -35,6 +35,17 @@ def axis_size(atoms) -> int:
   return math.prod(a.size for a in atoms)
 
 
+def leaf_coords(pos, atoms):
+  """(leaf axis, coordinate contribution) of positions `pos` along a value
+  axis made of `atoms` (broadcast atoms contribute nothing)."""
+  out = []
+  for a in reversed(atoms):  # inner first
+    comp, pos = pos % a.size, pos // a.size
+    if a.src is not None:
+      out.append((a.axis, comp * a.stride))
+  return out
+
+
 def view_reshape(view: View, new_sizes: Sequence[int]) -> Optional[View]:
   seq = [a for ax in view for a in ax]
   out = []
